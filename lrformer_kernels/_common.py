@@ -1,0 +1,80 @@
+"""Shared plumbing for the fused ops: input checks and the kernel-or-reference decision."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+try:  # triton is optional on CPU-only machines
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_kernel(*tensors: torch.Tensor) -> bool:
+    """Run the Triton kernel (True) or the PyTorch reference (False) for these inputs.
+
+    CUDA tensors take the kernel (float64 too); CPU tensors take it only under the Triton
+    interpreter, otherwise the reference path runs.
+    """
+    if not HAS_TRITON:
+        return False
+    t = tensors[0]
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreting()
+
+
+def check_tensor(t, name: str, ndim: Optional[int] = None, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Raise a clear TypeError/ValueError naming ``name`` if ``t`` is not what an op needs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    dtypes = tuple(dtypes)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the input's dtype {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def check_positive(name: str, *values: int) -> None:
+    for v in values:
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be positive integers, got {values}")
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor spans more elements than an int32 offset can address."""
+    for t in tensors:
+        span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+        if span >= 2 ** 31 - 1:
+            return True
+    return False
+
+
+#: Set by the tests: fused ops then allocate their outputs filled with NaN, so that an element a
+#: kernel fails to write shows up as NaN instead of passing by luck.
+POISON_OUTPUTS = False
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation for the fused ops (NaN-filled while ``POISON_OUTPUTS`` is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
