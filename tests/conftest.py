@@ -47,6 +47,8 @@ def poison_outputs():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    """A fresh but reproducible seed per test (different for every test id)."""
-    import zlib
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """Fresh random inputs on every run; the seed is printed so a failure can be replayed
+    with LRFORMER_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("LRFORMER_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"[seed {seed}]")
