@@ -1,0 +1,174 @@
+"""Building blocks of LRFormer (reference, plain PyTorch), tokens-last inside.
+
+Feature maps flow as (B, H, W, C) tensors; an NCHW view of one is ``x.permute(0, 3, 1, 2)``
+(channels_last memory), which is what the convolutions and BatchNorms see.  The LRSA math
+comes from :mod:`lrformer.functional`, the same functions the fused kernels are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as LF
+
+
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W) view."""
+    return x.permute(0, 3, 1, 2)
+
+
+def bhwc(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C) view."""
+    return x.permute(0, 2, 3, 1)
+
+
+def batch_norm_bhwc(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a BatchNorm2d to a tokens-last map."""
+    return bhwc(bn(nchw(x)))
+
+
+def conv_weight_2d(conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv's weight as a (out, in) matrix for F.linear on tokens-last maps."""
+    return conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1])
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: per-sample factor 0 or 1/keep_prob in training, None (identity) otherwise."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def keep(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return LF.drop_path_keep(x.shape[0], self.drop_prob, self.training, x.device, torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class IRB(nn.Module):
+    """Inverted residual FFN: fc1 (1x1) -> GELU -> h + dwconv3x3(h) -> fc2 (1x1). Keys fc1/conv/fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        h = F.linear(x, conv_weight_2d(self.fc1), self.fc1.bias)
+        h = LF.dwconv3x3(h, self.conv.weight, self.conv.bias, gelu=True, residual=True)
+        return F.linear(h, conv_weight_2d(self.fc2), self.fc2.bias)
+
+
+class LRSA(nn.Module):
+    """Low-resolution self-attention.
+
+    ``head=False`` (encoder): ``q`` = Sequential(Linear), ``kv`` = Sequential(Linear), pooled
+    key/value maps refined by the encoder's shared depthwise convs (passed to forward).
+    ``head=True`` (LRHead): ``q`` = 1x1 Conv2d, ``kv`` = Linear, no depthwise convs.
+    ``forward_low`` returns the low-resolution branch (B, hq, wq, C) before upsampling;
+    ``forward`` upsamples it to the input size.
+    """
+
+    def __init__(self, dim: int, num_heads: int, q_size: int = 16,
+                 kv_sizes: Optional[Sequence[int]] = None, qkv_bias: bool = True, head: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.q_size = dim, num_heads, q_size
+        self.kv_sizes = tuple(kv_sizes) if kv_sizes is not None else LF.pyramid_sizes(q_size)
+        self.scale = (dim // num_heads) ** -0.5
+        self.head = head
+        if head:
+            self.q = nn.Conv2d(dim, dim, 1, bias=qkv_bias)
+            self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        else:
+            self.q = nn.Sequential(nn.Linear(dim, dim, bias=qkv_bias))
+            self.kv = nn.Sequential(nn.Linear(dim, 2 * dim, bias=qkv_bias))
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def q_linear(self):
+        """(weight (C, C), bias) of the query projection, whichever module holds it."""
+        if self.head:
+            return conv_weight_2d(self.q), self.q.bias
+        return self.q[0].weight, self.q[0].bias
+
+    def kv_linear(self) -> nn.Linear:
+        return self.kv if self.head else self.kv[0]
+
+    def grids(self, h: int, w: int):
+        return LF.lrsa_grids(h, w, self.q_size, self.kv_sizes)
+
+    def attend(self, pooled: Sequence[torch.Tensor],
+               d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
+        """From the pooled maps [query grid, kv grids...] (each (B, h, w, C)) to the low-res branch."""
+        qmap, kv_maps = pooled[0], list(pooled[1:])
+        B, hq, wq, C = qmap.shape
+        if d_convs is not None:
+            kv_maps = [LF.dwconv3x3(m, dc.weight, dc.bias, residual=True) for m, dc in zip(kv_maps, d_convs)]
+        qw, qb = self.q_linear()
+        q = F.linear(qmap.reshape(B, hq * wq, C), qw, qb)
+        kv_tokens = torch.cat([m.reshape(B, -1, C) for m in kv_maps], dim=1)
+        kv = self.kv_linear()(self.norm(kv_tokens))
+        k, v = kv[..., :C], kv[..., C:]
+        o = LF.lowres_attention(q, k, v, self.num_heads, self.scale)
+        return self.proj(o).reshape(B, hq, wq, C)
+
+    def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
+        H, W = x.shape[1], x.shape[2]
+        return self.attend(LF.pyramid_pool(x, self.grids(H, W)), d_convs)
+
+    def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
+        """x: normalised map (B, H, W, C) -> attention branch at full resolution (B, H, W, C)."""
+        return LF.bilinear_resize(self.forward_low(x, d_convs), x.shape[1:3])
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, q_size={self.q_size}, kv_sizes={self.kv_sizes}, head={self.head}"
+
+
+class Block(nn.Module):
+    """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
+
+    x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x)));
+    x = x + drop_path(ls2 * IRB(norm2(x))).  Tokens-last in and out.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
+                 layer_scale: Optional[float] = None, q_size: int = 16,
+                 kv_sizes: Optional[Sequence[int]] = None, head: bool = False, pre_norm: bool = False):
+        super().__init__()
+        self.head = head
+        if layer_scale is not None:
+            self.layer_scale_1 = nn.Parameter(layer_scale * torch.ones(dim))
+            self.layer_scale_2 = nn.Parameter(layer_scale * torch.ones(dim))
+        else:
+            self.layer_scale_1 = self.layer_scale_2 = None
+        self.pre_norm = nn.BatchNorm2d(dim) if pre_norm else None
+        if head:
+            self.norm1 = nn.BatchNorm2d(dim)
+            self.norm2 = nn.BatchNorm2d(dim)
+        else:
+            self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+            self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = LRSA(dim, num_heads, q_size, kv_sizes, head=head)
+        self.mlp = IRB(dim, int(dim * mlp_ratio))
+        self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.drop_path = DropPath(drop_path)
+
+    def norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm_bhwc(layer, x) if isinstance(layer, nn.BatchNorm2d) else layer(x)
+
+    def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
+        if self.pre_norm is not None:
+            x = batch_norm_bhwc(self.pre_norm, x)
+        x = LF.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
+        low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
+        x = LF.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
+        h = self.mlp(self.norm(self.norm2, x))
+        s = LF.branch_scale(self.layer_scale_2, self.drop_path.keep(x), x.shape[0], x.shape[-1], h)
+        return x + (h if s is None else h * s)
