@@ -1,0 +1,530 @@
+"""Fused multi-head softmax attention for LRFormer's low-resolution token sets.
+
+``lowres_attention(q, k, v, num_heads, scale=None)``: q (B, Nq, C), k/v (B, M, C) -> (B, Nq, C),
+the same math as :func:`lrformer.functional.lowres_attention` (channel ``c`` belongs to head
+``c // (C // num_heads)``; scale defaults to ``head_dim ** -0.5``).
+
+Design (flash-attention style, one launch for all batches and heads):
+
+* forward: grid ``(cdiv(Nq, BLOCK_M), B * heads)``; each program keeps a block of queries and
+  streams over the keys/values with an online softmax (fp32 accumulation, fp64 for fp64 inputs),
+  writes the output in the input dtype and the per-row log-sum-exp ``lse`` (natural log, fp32;
+  fp64 for fp64 inputs) of shape (B, heads, Nq) for the backward.
+* backward by recomputation (no attention matrix is stored):
+  ``delta = rowsum(dO * O) - dlse`` (small preprocess kernel), then one kernel for dK/dV
+  (program per key block per (b, head), looping over the query blocks) and one for dQ (program
+  per query block, looping over the key blocks).  Deterministic: no atomics.
+* inputs may be arbitrary strided views (e.g. ``k = kv[..., :C]``, ``v = kv[..., C:]``); only the
+  strides are passed, nothing is copied.  Head dims that are not powers of two are padded with
+  masks to the next power of two (at least 16, for ``tl.dot``).
+* fp32 inputs use ``input_precision="ieee"`` (no TF32) so that fp32 stays fp32-accurate.
+
+Packaging: ``torch.library`` custom ops ``lrformer::lowres_attention`` (-> out, lse) and
+``lrformer::lowres_attention_backward`` with fake (meta) implementations and autograd, so the op
+works under ``torch.compile(fullgraph=True)``.  When :func:`use_kernel` says no (CPU without the
+Triton interpreter), the ops run the PyTorch reference math instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from lrformer import functional as ref_F
+from lrformer_kernels._common import HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty, use_kernel
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+__all__ = ["lowres_attention", "MAX_HEAD_DIM"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _lra_fwd_kernel(
+        Q, K, V, O, LSE,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kn, s_kc,
+        s_vb, s_vn, s_vc,
+        s_ob, s_on, s_oc,
+        H, NQ, M, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        DOT_PREC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_nb = tl.arange(0, BLOCK_N)
+        if INT64:
+            b = b.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+            offs_nb = offs_nb.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NQ
+        mask_d = offs_d < HEAD_DIM
+        col = h * HEAD_DIM + offs_d
+
+        q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qn + col[None, :] * s_qc,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        k_base = K + b * s_kb + col[:, None] * s_kc
+        v_base = V + b * s_vb + col[None, :] * s_vc
+
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_M], ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start_n in range(0, M, BLOCK_N):
+            offs_n = start_n + offs_nb
+            mask_n = offs_n < M
+            kt = tl.load(k_base + offs_n[None, :] * s_kn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * qk_scale
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            if USE_EXP2:
+                p = tl.exp2(qk - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+            else:
+                p = tl.exp(qk - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * s_vn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC).to(ACC)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(O + b * s_ob + offs_m[:, None] * s_on + col[None, :] * s_oc,
+                 out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        if USE_EXP2:
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
+        else:
+            lse = m_i + tl.log(l_i)
+        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse.to(LSE.dtype.element_ty), mask=mask_m)
+
+    @triton.jit
+    def _lra_bwd_preprocess_kernel(
+        O, DO, DLSE, DELTA,
+        s_ob, s_on, s_oc,
+        s_db, s_dn, s_dc,
+        H, NQ,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr, HAS_DLSE: tl.constexpr, INT64: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if INT64:
+            b = b.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NQ
+        mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]
+        col = h * HEAD_DIM + offs_d
+        o = tl.load(O + b * s_ob + offs_m[:, None] * s_on + col[None, :] * s_oc, mask=mask, other=0.0)
+        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dn + col[None, :] * s_dc, mask=mask, other=0.0)
+        delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+        row = pid_bh.to(tl.int64) * NQ + offs_m
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=mask_m, other=0.0).to(ACC)
+        tl.store(DELTA + row, delta, mask=mask_m)
+
+    @triton.jit
+    def _lra_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kn, s_kc,
+        s_vb, s_vn, s_vc,
+        s_db, s_dn, s_dc,
+        s_dkb, s_dkn, s_dkc,
+        s_dvb, s_dvn, s_dvc,
+        H, NQ, M, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        DOT_PREC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        # One program: a block of BLOCK_N keys/values of one (b, head); loops over all queries.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_mb = tl.arange(0, BLOCK_M)
+        if INT64:
+            b = b.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
+            offs_mb = offs_mb.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_n = offs_n < M
+        mask_d = offs_d < HEAD_DIM
+        col = h * HEAD_DIM + offs_d
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + col[None, :] * s_kc, mask=mask_nd, other=0.0)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + col[None, :] * s_vc, mask=mask_nd, other=0.0)
+        qt_base = Q + b * s_qb + col[:, None] * s_qc       # (BLOCK_D, BLOCK_M) tiles: q^T
+        do_base = DO + b * s_db + col[None, :] * s_dc       # (BLOCK_M, BLOCK_D) tiles: dO
+        row_base = pid_bh.to(tl.int64) * NQ
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        for start_m in range(0, NQ, BLOCK_M):
+            offs_m = start_m + offs_mb
+            mask_m = offs_m < NQ
+            mask_dm = mask_d[:, None] & mask_m[None, :]
+            qt = tl.load(qt_base + offs_m[None, :] * s_qn, mask=mask_dm, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dn, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
+            delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
+            qkt = tl.dot(k, qt, input_precision=DOT_PREC).to(ACC) * qk_scale   # (BLOCK_N, BLOCK_M)
+            if USE_EXP2:
+                pt = tl.exp2(qkt - (lse * 1.4426950408889634)[None, :])
+            else:
+                pt = tl.exp(qkt - lse[None, :])
+            pt = tl.where(mask_m[None, :], pt, 0.0)
+            dv += tl.dot(pt.to(v.dtype), do, input_precision=DOT_PREC).to(ACC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)              # (BLOCK_N, BLOCK_M)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PREC).to(ACC)
+
+        dk = dk * scale
+        tl.store(DK + b * s_dkb + offs_n[:, None] * s_dkn + col[None, :] * s_dkc,
+                 dk.to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + b * s_dvb + offs_n[:, None] * s_dvn + col[None, :] * s_dvc,
+                 dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+    @triton.jit
+    def _lra_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kn, s_kc,
+        s_vb, s_vn, s_vc,
+        s_db, s_dn, s_dc,
+        s_dqb, s_dqn, s_dqc,
+        H, NQ, M, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        DOT_PREC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        # One program: a block of BLOCK_M queries of one (b, head); loops over all keys.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_nb = tl.arange(0, BLOCK_N)
+        if INT64:
+            b = b.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+            offs_nb = offs_nb.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NQ
+        mask_d = offs_d < HEAD_DIM
+        col = h * HEAD_DIM + offs_d
+        mask_md = mask_m[:, None] & mask_d[None, :]
+
+        q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qn + col[None, :] * s_qc, mask=mask_md, other=0.0)
+        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dn + col[None, :] * s_dc, mask=mask_md, other=0.0)
+        row = pid_bh.to(tl.int64) * NQ + offs_m
+        lse = tl.load(LSE + row, mask=mask_m, other=0.0).to(ACC)
+        delta = tl.load(DELTA + row, mask=mask_m, other=0.0).to(ACC)
+        if USE_EXP2:
+            lse = lse * 1.4426950408889634
+        kt_base = K + b * s_kb + col[:, None] * s_kc   # (BLOCK_D, BLOCK_N) tiles: k^T
+        vt_base = V + b * s_vb + col[:, None] * s_vc   # v^T
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start_n in range(0, M, BLOCK_N):
+            offs_n = start_n + offs_nb
+            mask_n = offs_n < M
+            mask_dn = mask_d[:, None] & mask_n[None, :]
+            kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * qk_scale       # (BLOCK_M, BLOCK_N)
+            if USE_EXP2:
+                p = tl.exp2(qk - lse[:, None])
+            else:
+                p = tl.exp(qk - lse[:, None])
+            p = tl.where(mask_n[None, :], p, 0.0)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=DOT_PREC).to(ACC)
+
+        dq = dq * scale
+        tl.store(DQ + b * s_dqb + offs_m[:, None] * s_dqn + col[None, :] * s_dqc,
+                 dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / lse dtype: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
+    fp64 = dtype == torch.float64
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        ACC=tl.float64 if fp64 else tl.float32,
+        # exp2 with log2(e) folded into the scale for fp32 math; plain exp keeps fp64 exact.
+        USE_EXP2=not fp64,
+        # fp32 stays fp32 (no TF32); for 16-bit inputs the precision flag has no effect.
+        DOT_PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        INT64=int64,
+    )
+
+
+def _fwd_config(dtype: torch.dtype, block_d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
+    if interpreting():
+        return 32, 32, 1, 1
+    if dtype == torch.float64:
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+    if dtype == torch.float32:  # ieee fp32 dots run on CUDA cores: keep the tiles moderate
+        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 2)
+    if block_d <= 64:
+        return 128, 64, 4, 3
+    if block_d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def _bwd_config(dtype: torch.dtype, block_d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
+    if interpreting():
+        return 32, 32, 1, 1
+    if dtype == torch.float64:
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+    if dtype == torch.float32:
+        return (32, 32, 4, 2)
+    if block_d <= 64:
+        return 64, 64, 4, 2
+    if block_d <= 128:
+        return 64, 64, 8, 2
+    return 32, 32, 8, 1
+
+
+def _cuda_guard(t: torch.Tensor):
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _fwd_triton(q, k, v, num_heads: int, scale: float):
+    B, NQ, C = q.shape
+    M = k.shape[1]
+    D = C // num_heads
+    out = new_empty((B, NQ, C), q.dtype, q.device)
+    lse = new_empty((B, num_heads, NQ), _acc_dtype(q.dtype), q.device)
+    consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out))
+    bm, bn, warps, stages = _fwd_config(q.dtype, consts["BLOCK_D"])
+    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    grid = (triton.cdiv(NQ, bm), B * num_heads)
+    with _cuda_guard(q):
+        _lra_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            num_heads, NQ, M, qk_scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
+        )
+    return out, lse
+
+
+def _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+    B, NQ, C = q.shape
+    M = k.shape[1]
+    D = C // num_heads
+    acc_dtype = _acc_dtype(q.dtype)
+    dq = new_empty(q.shape, q.dtype, q.device)
+    dk = new_empty(k.shape, k.dtype, k.device)
+    dv = new_empty(v.shape, v.dtype, v.device)
+    delta = torch.empty((B, num_heads, NQ), dtype=acc_dtype, device=q.device)
+    lse = lse.contiguous()
+    has_dlse = grad_lse is not None
+    if has_dlse:
+        grad_lse = grad_lse.contiguous()
+    consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out, grad_out, dq, dk, dv))
+    block_d = consts["BLOCK_D"]
+    bm, bn, warps, stages = _bwd_config(q.dtype, block_d)
+    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    pre_bm = 32 if interpreting() else max(16, min(128, 8192 // block_d))
+    with _cuda_guard(q):
+        _lra_bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm), B * num_heads)](
+            out, grad_out, grad_lse if has_dlse else delta, delta,
+            *out.stride(), *grad_out.stride(),
+            num_heads, NQ,
+            HEAD_DIM=D, BLOCK_M=pre_bm, BLOCK_D=block_d, ACC=consts["ACC"],
+            HAS_DLSE=has_dlse, INT64=consts["INT64"], num_warps=1 if interpreting() else 4,
+        )
+        _lra_bwd_dkdv_kernel[(triton.cdiv(M, bn), B * num_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            num_heads, NQ, M, qk_scale, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
+        )
+        _lra_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * num_heads)](
+            q, k, v, grad_out, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            num_heads, NQ, M, qk_scale, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
+        )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch) paths: CPU without the interpreter
+# ---------------------------------------------------------------------------------------------
+def _split_heads(t, num_heads):
+    B, N, C = t.shape
+    return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)  # (B, H, N, d)
+
+
+def _merge_heads(t):
+    B, H, N, d = t.shape
+    return t.transpose(1, 2).reshape(B, N, H * d)
+
+
+def _fwd_reference(q, k, v, num_heads: int, scale: float):
+    out = ref_F.lowres_attention(q, k, v, num_heads, scale)
+    acc = _acc_dtype(q.dtype)
+    s = (_split_heads(q, num_heads).to(acc) @ _split_heads(k, num_heads).to(acc).transpose(-2, -1)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    return out.contiguous(), lse.contiguous()
+
+
+def _bwd_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+    acc = _acc_dtype(q.dtype)
+    qh, kh, vh = (_split_heads(t, num_heads).to(acc) for t in (q, k, v))
+    doh, oh = _split_heads(grad_out, num_heads).to(acc), _split_heads(out, num_heads).to(acc)
+    p = torch.exp((qh @ kh.transpose(-2, -1)) * scale - lse.to(acc).unsqueeze(-1))
+    delta = (doh * oh).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc).unsqueeze(-1)
+    dv = p.transpose(-2, -1) @ doh
+    ds = p * (doh @ vh.transpose(-2, -1) - delta)
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-2, -1) @ qh) * scale
+    return (_merge_heads(dq).to(q.dtype).contiguous(), _merge_heads(dk).to(k.dtype).contiguous(),
+            _merge_heads(dv).to(v.dtype).contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("lrformer::lowres_attention", mutates_args=())
+def _lowres_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_kernel(q):
+        return _fwd_triton(q, k, v, num_heads, scale)
+    return _fwd_reference(q, k, v, num_heads, scale)
+
+
+@_lowres_attention_op.register_fake
+def _(q, k, v, num_heads, scale):
+    B, NQ, C = q.shape
+    out = q.new_empty((B, NQ, C))
+    lse = q.new_empty((B, num_heads, NQ), dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("lrformer::lowres_attention_backward", mutates_args=())
+def _lowres_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                  grad_lse: Optional[torch.Tensor], num_heads: int,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_kernel(q):
+        return _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
+    return _bwd_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
+
+
+@_lowres_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _lowres_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse,
+                                               ctx.num_heads, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_lowres_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _validate(q, k, v, num_heads, scale) -> float:
+    check_tensor(q, "q", ndim=3)
+    check_tensor(k, "k", ndim=3, device=q.device, dtype=q.dtype)
+    check_tensor(v, "v", ndim=3, device=q.device, dtype=q.dtype)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    B, NQ, C = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != C or v.shape[2] != C:
+        raise ValueError(f"channel mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"(k and v must have q's C={C} channels)")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of tokens, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if C % num_heads != 0:
+        raise ValueError(f"channels C={C} of q are not divisible by num_heads={num_heads}")
+    head_dim = C // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} (C={C} / num_heads={num_heads}) is unsupported; "
+                         f"the maximum is {MAX_HEAD_DIM}")
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def lowres_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Multi-head softmax attention: q (B, Nq, C), k/v (B, M, C) -> (B, Nq, C) in q's dtype.
+
+    Channel ``c`` belongs to head ``c // (C // num_heads)``; ``scale`` defaults to
+    ``head_dim ** -0.5``.  Inputs may be strided views (e.g. the two halves of one kv tensor).
+    Differentiable in q, k and v.
+    """
+    scale = _validate(q, k, v, num_heads, scale)
+    out, _ = _lowres_attention_op(q, k, v, num_heads, scale)
+    return out

@@ -1,0 +1,232 @@
+"""Fused low-resolution multi-head attention vs the float64 PyTorch reference."""
+import math
+
+import pytest
+import torch
+
+from conftest import TOL, devices, dtypes_for, rel_err
+from lrformer import functional as ref_F
+from lrformer_kernels.lowres_attention import lowres_attention
+
+CASES = [
+    # (B, Nq, M, heads, head_dim, scale)
+    (1, 1, 5, 1, 24, None),
+    (2, 7, 33, 2, 40, None),
+    (2, 37, 70, 3, 80, None),
+    (1, 37, 33, 2, 32, 0.37),   # power-of-two head dim, explicit scale
+    (2, 37, 5, 3, 24, None),
+    (1, 7, 70, 1, 64, None),
+]
+
+# Realistic LRFormer shapes; only on CUDA (too slow for the interpreter).
+CUDA_CASES = [
+    (2, 512, 600, 2, 48, None),     # encoder stage
+    (2, 256, 300, 5, 64, None),
+    (1, 2048, 1900, 4, 80, None),   # decoder head
+    (1, 512, 600, 1, 24, None),
+]
+
+
+def _inputs(B, Nq, M, heads, d, dtype, device, q_strided=False):
+    """q (optionally a strided slice), and k/v as non-contiguous halves of one kv tensor."""
+    C = heads * d
+    if q_strided:
+        q = torch.randn(B, Nq, 3 * C, dtype=dtype, device=device)[..., C:2 * C]
+    else:
+        q = torch.randn(B, Nq, C, dtype=dtype, device=device)
+    kv = torch.randn(B, M, 2 * C, dtype=dtype, device=device)
+    return q.requires_grad_(), kv.requires_grad_()
+
+
+def _reference(q, kv, heads, scale):
+    """Reference forward + grads in float64 on the upcast inputs."""
+    C = q.shape[-1]
+    q64 = q.detach().double().requires_grad_()
+    kv64 = kv.detach().double().requires_grad_()
+    out = ref_F.lowres_attention(q64, kv64[..., :C], kv64[..., C:], heads, scale)
+    return out, q64, kv64
+
+
+def _check(case, dtype, device, q_strided=False):
+    B, Nq, M, heads, d, scale = case
+    q, kv = _inputs(B, Nq, M, heads, d, dtype, device, q_strided)
+    C = heads * d
+    k, v = kv[..., :C], kv[..., C:]
+    assert not k.is_contiguous() and not v.is_contiguous()
+    out = lowres_attention(q, k, v, heads, scale)
+    assert out.shape == (B, Nq, C) and out.dtype == dtype and out.device == q.device
+    g = torch.randn_like(out)
+    dq, dkv = torch.autograd.grad(out, (q, kv), g)
+    assert dq.dtype == dtype and dkv.dtype == dtype
+
+    ref, q64, kv64 = _reference(q, kv, heads, scale)
+    dq_ref, dkv_ref = torch.autograd.grad(ref, (q64, kv64), g.double())
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, ("out", rel_err(out, ref))
+    assert rel_err(dq, dq_ref) < tol, ("dq", rel_err(dq, dq_ref))
+    assert rel_err(dkv[..., :C], dkv_ref[..., :C]) < tol, ("dk", rel_err(dkv[..., :C], dkv_ref[..., :C]))
+    assert rel_err(dkv[..., C:], dkv_ref[..., C:]) < tol, ("dv", rel_err(dkv[..., C:], dkv_ref[..., C:]))
+
+    if device == "cuda":
+        # Cross-check with torch SDPA (its own error adds to ours: 2x the tolerance).
+        s = d ** -0.5 if scale is None else scale
+        qs = q.detach().reshape(B, Nq, heads, d).transpose(1, 2).requires_grad_()
+        ks = k.detach().reshape(B, M, heads, d).transpose(1, 2).requires_grad_()
+        vs = v.detach().reshape(B, M, heads, d).transpose(1, 2).requires_grad_()
+        o_sdpa = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=s)
+        o_sdpa = o_sdpa.transpose(1, 2).reshape(B, Nq, C)
+        dqs, dks, dvs = torch.autograd.grad(o_sdpa, (qs, ks, vs), g)
+        assert rel_err(out, o_sdpa) < 2 * tol
+        assert rel_err(dq, dqs.transpose(1, 2).reshape(B, Nq, C)) < 2 * tol
+        assert rel_err(dkv[..., :C], dks.transpose(1, 2).reshape(B, M, C)) < 2 * tol
+        assert rel_err(dkv[..., C:], dvs.transpose(1, 2).reshape(B, M, C)) < 2 * tol
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_Nq{}_M{}_h{}_d{}_s{}".format(*c))
+def test_forward_backward(case, device):
+    for dtype in dtypes_for(device):
+        _check(case, dtype, device, q_strided=case[0] == 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes only on CUDA")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "B{}_Nq{}_M{}_h{}_d{}".format(*c[:5]))
+def test_forward_backward_large_cuda(case):
+    for dtype in dtypes_for("cuda"):
+        _check(case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_lse_output(device):
+    """The op's second output is the natural-log log-sum-exp per (b, head, query)."""
+    B, Nq, M, heads, d = 2, 37, 33, 3, 24
+    dtype = dtypes_for(device)[0]
+    q = torch.randn(B, Nq, heads * d, dtype=dtype, device=device)
+    k = torch.randn(B, M, heads * d, dtype=dtype, device=device)
+    v = torch.randn(B, M, heads * d, dtype=dtype, device=device)
+    scale = 0.3
+    out, lse = torch.ops.lrformer.lowres_attention(q, k, v, heads, scale)
+    s = (q.double().reshape(B, Nq, heads, d).transpose(1, 2)
+         @ k.double().reshape(B, M, heads, d).transpose(1, 2).transpose(-2, -1)) * scale
+    assert lse.shape == (B, heads, Nq)
+    assert rel_err(lse, torch.logsumexp(s, -1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(out, ref_F.lowres_attention(q.double(), k.double(), v.double(), heads, scale)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradcheck(device):
+    B, Nq, M, heads, d = 1, 3, 5, 2, 6
+    q = torch.randn(B, Nq, heads * d, dtype=torch.float64, device=device, requires_grad=True)
+    kv = torch.randn(B, M, 2 * heads * d, dtype=torch.float64, device=device, requires_grad=True)
+    C = heads * d
+
+    def f(q, kv):
+        return lowres_attention(q, kv[..., :C], kv[..., C:], heads)
+
+    def f_both(q, kv):  # both outputs of the op: exercises the gradient through lse too
+        return torch.ops.lrformer.lowres_attention(q, kv[..., :C], kv[..., C:], heads, 0.5)
+
+    # fast_mode (random projections) keeps the interpreter time low; the full Jacobian of the
+    # main output is checked against the reference in test_forward_backward.
+    assert torch.autograd.gradcheck(f, (q, kv), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(f_both, (q, kv), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_deterministic(device):
+    B, Nq, M, heads, d = 2, 37, 70, 2, 40
+    dtype = dtypes_for(device)[-1]
+    q, kv = _inputs(B, Nq, M, heads, d, dtype, device)
+    C = heads * d
+    res = []
+    for _ in range(2):
+        out = lowres_attention(q, kv[..., :C], kv[..., C:], heads)
+        res.append((out, *torch.autograd.grad(out, (q, kv), torch.ones_like(out))))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """On CPU without TRITON_INTERPRET the op falls back to the PyTorch math (fwd and bwd)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from lrformer_kernels._common import use_kernel
+    q, kv = _inputs(2, 7, 33, 2, 40, torch.float64, "cpu")
+    assert not use_kernel(q)
+    C = 80
+    out = lowres_attention(q, kv[..., :C], kv[..., C:], 2)
+    g = torch.randn_like(out)
+    dq, dkv = torch.autograd.grad(out, (q, kv), g)
+    ref, q64, kv64 = _reference(q, kv, 2, None)
+    dq_ref, dkv_ref = torch.autograd.grad(ref, (q64, kv64), g)
+    assert rel_err(out, ref) < 1e-12
+    assert rel_err(dq, dq_ref) < 1e-12
+    assert rel_err(dkv, dkv_ref) < 1e-12
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_fullgraph(device):
+    heads, d = 2, 24
+    C = heads * d
+    dtype = dtypes_for(device)[0]
+
+    def f(q, kv):
+        return lowres_attention(q * 2.0, kv[..., :C], kv[..., C:], heads).sum(-1) * 3.0
+
+    # Inductor would need a C++ toolchain on CPU; the custom op is opaque either way.
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    fc = torch.compile(f, fullgraph=True, backend=backend)
+    q, kv = _inputs(2, 7, 33, heads, d, dtype, device)
+    out = fc(q, kv)
+    dq, dkv = torch.autograd.grad(out.sum(), (q, kv))
+    out_e = f(q, kv)
+    dq_e, dkv_e = torch.autograd.grad(out_e.sum(), (q, kv))
+    tol = TOL[dtype]
+    assert rel_err(out, out_e) < tol
+    assert rel_err(dq, dq_e) < tol
+    assert rel_err(dkv, dkv_e) < tol
+
+
+def test_opcheck():
+    """torch.library consistency checks (schema, fake tensor, autograd registration)."""
+    q = torch.randn(1, 5, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.lrformer.lowres_attention.default, (q, k, v, 2, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _bad_cases():
+    f64 = torch.float64
+    q = torch.randn(2, 5, 16, dtype=f64)
+    k = torch.randn(2, 7, 16, dtype=f64)
+    v = torch.randn(2, 7, 16, dtype=f64)
+    return [
+        ((q.numpy(), k, v, 2), TypeError, "q must be a torch.Tensor"),
+        ((q[0], k, v, 2), ValueError, "q must have 3 dimensions"),
+        ((q, k[0], v, 2), ValueError, "k must have 3 dimensions"),
+        ((q, k, v[None], 2), ValueError, "v must have 3 dimensions"),
+        ((q, k.float(), v, 2), TypeError, "k has dtype"),
+        ((q, k, v.float(), 2), TypeError, "v has dtype"),
+        ((q.int(), k.int(), v.int(), 2), TypeError, "q has dtype"),
+        ((q, k.to("meta"), v, 2), ValueError, "k is on meta"),
+        ((q, k[:1], v[:1], 2), ValueError, "batch mismatch"),
+        ((q, k[..., :8], v[..., :8], 2), ValueError, "channel mismatch"),
+        ((q, k, v[:, :3], 2), ValueError, "same number of tokens"),
+        ((q, k, v, 3), ValueError, "not divisible by num_heads"),
+        ((q, k, v, 0), ValueError, "num_heads must be positive"),
+        ((q, k, v, -2), ValueError, "num_heads must be positive"),
+        ((q, k, v, 2.0), TypeError, "num_heads must be an int"),
+        ((q, k, v, 2, "x"), TypeError, "scale must be a float"),
+        ((q, k, v, 2, math.inf), ValueError, "scale must be finite"),
+        ((q[:, :0], k, v, 2), ValueError, "q is empty"),
+        ((q, k[:, :0], v[:, :0], 2), ValueError, "k is empty"),
+        ((torch.randn(1, 2, 300, dtype=f64), torch.randn(1, 2, 300, dtype=f64),
+          torch.randn(1, 2, 300, dtype=f64), 1), ValueError, "head dim 300"),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_cases())))
+def test_bad_input(idx):
+    args, exc, match = _bad_cases()[idx]
+    with pytest.raises(exc, match=match):
+        lowres_attention(*args)
