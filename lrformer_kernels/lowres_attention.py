@@ -56,7 +56,7 @@ if HAS_TRITON:
         s_kb, s_kn, s_kc,
         s_vb, s_vn, s_vc,
         s_ob, s_on, s_oc,
-        H, NQ, M, qk_scale,
+        H, NQ, M, qk_scale_hi, qk_scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -65,6 +65,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_nb = tl.arange(0, BLOCK_N)
         if INT64:
@@ -149,7 +150,7 @@ if HAS_TRITON:
         s_db, s_dn, s_dc,
         s_dkb, s_dkn, s_dkc,
         s_dvb, s_dvn, s_dvc,
-        H, NQ, M, qk_scale, scale,
+        H, NQ, M, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -159,6 +160,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_mb = tl.arange(0, BLOCK_M)
         if INT64:
@@ -198,7 +200,7 @@ if HAS_TRITON:
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PREC).to(ACC)
 
-        dk = dk * scale
+        dk = dk * (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC))
         tl.store(DK + b * s_dkb + offs_n[:, None] * s_dkn + col[None, :] * s_dkc,
                  dk.to(DK.dtype.element_ty), mask=mask_nd)
         tl.store(DV + b * s_dvb + offs_n[:, None] * s_dvn + col[None, :] * s_dvc,
@@ -212,7 +214,7 @@ if HAS_TRITON:
         s_vb, s_vn, s_vc,
         s_db, s_dn, s_dc,
         s_dqb, s_dqn, s_dqc,
-        H, NQ, M, qk_scale, scale,
+        H, NQ, M, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -222,6 +224,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_nb = tl.arange(0, BLOCK_N)
         if INT64:
@@ -261,7 +264,7 @@ if HAS_TRITON:
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=DOT_PREC).to(ACC)
 
-        dq = dq * scale
+        dq = dq * (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC))
         tl.store(DQ + b * s_dqb + offs_m[:, None] * s_dqn + col[None, :] * s_dqc,
                  dq.to(DQ.dtype.element_ty), mask=mask_md)
 
@@ -322,6 +325,14 @@ def _bwd_config(dtype: torch.dtype, block_d: int):
     return 32, 32, 8, 1
 
 
+def _split_f32(x: float):
+    """``x`` as an fp32 pair ``hi + lo``: Triton passes Python floats to kernels as fp32, which
+    would cost fp64 inputs ~1e-8 relative error in the scale; the kernels add the pair in ACC."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    return hi, lo
+
+
 def _cuda_guard(t: torch.Tensor):
     if t.is_cuda:
         return torch.cuda.device(t.device)
@@ -343,7 +354,7 @@ def _fwd_triton(q, k, v, num_heads: int, scale: float):
         _lra_fwd_kernel[grid](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            num_heads, NQ, M, qk_scale,
+            num_heads, NQ, M, *_split_f32(qk_scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
     return out, lse
@@ -378,13 +389,13 @@ def _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: fl
         _lra_bwd_dkdv_kernel[(triton.cdiv(M, bn), B * num_heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            num_heads, NQ, M, qk_scale, scale,
+            num_heads, NQ, M, *_split_f32(qk_scale), *_split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
         _lra_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * num_heads)](
             q, k, v, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            num_heads, NQ, M, qk_scale, scale,
+            num_heads, NQ, M, *_split_f32(qk_scale), *_split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
     return dq, dk, dv

@@ -230,3 +230,12 @@ def test_bad_input(idx):
     args, exc, match = _bad_cases()[idx]
     with pytest.raises(exc, match=match):
         lowres_attention(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_interpreter_low_precision(dtype):
+    """The fp32-accumulation path (exp2, fp32 lse) also runs on CPU under the interpreter
+    (bf16 is left to CUDA: the interpreter's bf16 tl.dot is not reliable)."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the CUDA cases of test_forward_backward")
+    _check((2, 37, 70, 3, 40, None), dtype, "cpu", q_strided=True)
