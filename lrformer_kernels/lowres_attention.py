@@ -26,6 +26,7 @@ Triton interpreter), the ops run the PyTorch reference math instead.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -295,19 +296,31 @@ def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
     )
 
 
-def _fwd_config(dtype: torch.dtype, block_d: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel."""
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fwd_config(dtype: torch.dtype, block_d: int, nq: int = 0, bh: int = 0, device=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel.
+
+    16-bit inputs: 128-query tiles, unless that leaves fewer than two waves of programs on the
+    GPU (small encoder token sets), then 64-query tiles.
+    """
     if interpreting():
         return 32, 32, 1, 1
     if dtype == torch.float64:
-        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 8, 1)
     if dtype == torch.float32:  # ieee fp32 dots run on CUDA cores: keep the tiles moderate
-        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 2)
-    if block_d <= 64:
-        return 128, 64, 4, 3
-    if block_d <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
+        return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 8, 2)
+    if block_d > 128:
+        return 64, 32, 8, 2
+    few = (device is not None and device.type == "cuda"
+           and triton.cdiv(nq, 128) * bh < 2 * _num_sms(device.index if device.index is not None
+                                                         else torch.cuda.current_device()))
+    if few:
+        return 64, 64, 4, 3
+    return (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
 
 
 def _bwd_config(dtype: torch.dtype, block_d: int):
@@ -315,9 +328,9 @@ def _bwd_config(dtype: torch.dtype, block_d: int):
     if interpreting():
         return 32, 32, 1, 1
     if dtype == torch.float64:
-        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 4, 1)
+        return (32, 32, 4, 1) if block_d <= 64 else (16, 16, 8, 1)
     if dtype == torch.float32:
-        return (32, 32, 4, 2)
+        return (32, 32, 4, 2) if block_d <= 64 else (32, 32, 8, 2)
     if block_d <= 64:
         return 64, 64, 4, 2
     if block_d <= 128:
@@ -347,7 +360,7 @@ def _fwd_triton(q, k, v, num_heads: int, scale: float):
     out = new_empty((B, NQ, C), q.dtype, q.device)
     lse = new_empty((B, num_heads, NQ), _acc_dtype(q.dtype), q.device)
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out))
-    bm, bn, warps, stages = _fwd_config(q.dtype, consts["BLOCK_D"])
+    bm, bn, warps, stages = _fwd_config(q.dtype, consts["BLOCK_D"], NQ, B * num_heads, q.device)
     qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
     grid = (triton.cdiv(NQ, bm), B * num_heads)
     with _cuda_guard(q):

@@ -68,7 +68,8 @@ def _check(case, dtype, device, q_strided=False):
     assert rel_err(dkv[..., C:], dkv_ref[..., C:]) < tol, ("dv", rel_err(dkv[..., C:], dkv_ref[..., C:]))
 
     if device == "cuda":
-        # Cross-check with torch SDPA (its own error adds to ours: 2x the tolerance).
+        # Cross-check with torch SDPA (its own error adds to ours: 2x the tolerance; fp32 SDPA
+        # kernels may round through (3x)TF32, hence a looser bound there).
         s = d ** -0.5 if scale is None else scale
         qs = q.detach().reshape(B, Nq, heads, d).transpose(1, 2).requires_grad_()
         ks = k.detach().reshape(B, M, heads, d).transpose(1, 2).requires_grad_()
@@ -76,10 +77,11 @@ def _check(case, dtype, device, q_strided=False):
         o_sdpa = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=s)
         o_sdpa = o_sdpa.transpose(1, 2).reshape(B, Nq, C)
         dqs, dks, dvs = torch.autograd.grad(o_sdpa, (qs, ks, vs), g)
-        assert rel_err(out, o_sdpa) < 2 * tol
-        assert rel_err(dq, dqs.transpose(1, 2).reshape(B, Nq, C)) < 2 * tol
-        assert rel_err(dkv[..., :C], dks.transpose(1, 2).reshape(B, M, C)) < 2 * tol
-        assert rel_err(dkv[..., C:], dvs.transpose(1, 2).reshape(B, M, C)) < 2 * tol
+        stol = 1e-4 if dtype == torch.float32 else 2 * tol
+        assert rel_err(out, o_sdpa) < stol
+        assert rel_err(dq, dqs.transpose(1, 2).reshape(B, Nq, C)) < stol
+        assert rel_err(dkv[..., :C], dks.transpose(1, 2).reshape(B, M, C)) < stol
+        assert rel_err(dkv[..., C:], dvs.transpose(1, 2).reshape(B, M, C)) < stol
 
 
 @pytest.mark.parametrize("device", devices())
@@ -193,6 +195,12 @@ def test_opcheck():
     v = torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.lrformer.lowres_attention.default, (q, k, v, 2, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = torch.ops.lrformer.lowres_attention(q, k, v, 2, 0.25)
+    g = torch.randn_like(out)
+    for glse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(torch.ops.lrformer.lowres_attention_backward.default,
+                              (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), glse, 2, 0.25),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def _bad_cases():
