@@ -1,0 +1,445 @@
+"""Pyramid adaptive average pooling: one map (B, H, W, C) -> every pooled grid in one tensor.
+
+``pyramid_pool(x, grids)`` returns one contiguous ``(B, N_total, C)`` tensor, ``N_total =
+sum(gh * gw)``: the cells of ``grids[0]`` (row-major), then those of ``grids[1]``, ...  It equals
+``torch.cat([adaptive_avg_pool(x, g).reshape(B, -1, C) for g in grids], 1)`` (exact
+``F.adaptive_avg_pool2d`` semantics: cell ``i`` of a grid of size ``g`` over an axis of length
+``L`` covers ``[floor(i*L/g), ceil((i+1)*L/g))``, so grids larger than the map repeat pixels).
+``split_pyramid(out, grids)`` gives the per-grid ``(B, gh, gw, C)`` views.
+
+Design
+------
+Forward: ONE launch for all grids.  A program owns one (batch b, channel block, output cell of
+any grid): it finds its grid from the cell index (grid sizes are scalar kernel arguments, at
+most 8 grids, no device-side table and no host->device copy), walks the cell's window
+``rows x cols`` in flattened pixel tiles ``[BLOCK_P, BLOCK_C]`` with fp32 accumulation (fp64 for
+fp64 input), and writes the mean once.  ``x`` is read through its own strides, so an NCHW tensor
+passed as ``x.permute(0, 2, 3, 1)`` (or any slice / expand) works without a copy.  Deterministic,
+no atomics, no intermediate.
+
+Bytes (s = element size, K grids, M = B*H*W*C): the program id puts the cell index fastest, so all
+cells of one (b, channel block) slab (H*W*BLOCK_C elements, e.g. 56*56*64*2 B = 400 KB) run
+back to back and the slab stays in L2: DRAM reads ~= M*s (the map once), L2->SM reads ~=
+sum_k (cover factor of grid k) * M*s ~= K*M*s (windows of a grid overlap by at most one row/column
+when g <= L; a grid larger than the map re-reads each pixel ~(g/L)^2 times, but then the map is
+tiny), writes B*N_total*C*s.  For the LRSA grids at 56x56 (N_total = 493 cells vs 3136 pixels)
+that is ~1.16 M*s of DRAM traffic in total.  A strict "read once" variant (a program per (b,
+channel block, band of rows) keeping every grid's partial sums in registers) would need
+N_total*BLOCK_C fp32 accumulators per program, or an fp32 row-sum intermediate of
+H*sum(gw)*C*4 bytes (~1.6x the bf16 map at 56x56), so it does not save DRAM bytes over the L2 reuse
+above and costs occupancy; it was not chosen.
+
+Backward (dL/dx, contiguous (B, H, W, C) in x's dtype): a program owns (b, block of BLOCK_P
+pixels, channel block) and GATHERS, for every grid, the cells whose window contains each pixel:
+rows ``floor(h*gh/H) <= i < ceil((h+1)*gh/H)`` (at most ``ceil(gh/H) + 1`` of them; 2 when the
+grid is not larger than the map), same for columns, each divided by its cell's area.  grad_x is
+written exactly once (B*H*W*C*s bytes); grad_out (B*N_total*C*s, read through its strides, so an
+expanded gradient needs no copy) is gathered ~4K times per pixel but from L1/L2.  Deterministic,
+no atomics, no full-resolution intermediate besides grad_x.  The backward op is itself
+differentiable (its gradient is the forward pool), so double backward works.
+
+Offsets are int64 when ``needs_int64`` says a tensor spans 2**31 elements, int32 otherwise.
+Off-GPU without ``TRITON_INTERPRET=1`` the ops run the PyTorch reference instead.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+import lrformer.functional as ref
+from lrformer_kernels._common import (FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting,
+                                      needs_int64, new_empty, use_kernel)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+#: most grids one call can pool (the kernels take the grid sizes as scalar arguments).
+MAX_GRIDS = 8
+
+#: under TRITON_INTERPRET=1 use bigger blocks (fewer programs: the interpreter's cost is per
+#: program); the tests switch this off for one case to run the GPU block sizes too.
+_BIG_INTERPRETER_BLOCKS = True
+
+__all__ = ["pyramid_pool", "split_pyramid", "pyramid_total", "MAX_GRIDS"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _later_grid(blk, gh, gw, c0, b0, GH, GW, GC, GB):
+        """Switch to grid (GH, GW) (first cell GC, first cell block GB) if block ``blk`` is in it."""
+        later = blk >= GB
+        gh = tl.where(later, GH, gh)
+        gw = tl.where(later, GW, gw)
+        c0 = tl.where(later, GC, c0)
+        b0 = tl.where(later, GB, b0)
+        return gh, gw, c0, b0
+
+    @triton.jit
+    def _pyramid_pool_fwd(
+        x_ptr, out_ptr,
+        H, W, C, N_TOTAL, N_BLK, N_CB,
+        sxb, sxh, sxw, sxc,
+        G0H, G0W, G1H, G1W, G1C, G1B, G2H, G2W, G2C, G2B, G3H, G3W, G3C, G3B,
+        G4H, G4W, G4C, G4B, G5H, G5W, G5C, G5B, G6H, G6W, G6C, G6B, G7H, G7W, G7C, G7B,
+        NUM_GRIDS: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        # GkH, GkW: size of grid k; GkC: its first cell in the output; GkB: its first cell block
+        # (a block of BLOCK_CELLS consecutive cells never straddles two grids).
+        pid = tl.program_id(0)
+        blk = pid % N_BLK             # cell blocks fastest: one (b, channel block) slab stays in L2
+        rest = pid // N_BLK
+        cb = rest % N_CB
+        b = rest // N_CB
+
+        gh = G0H + 0 * blk
+        gw = G0W + 0 * blk
+        c0 = 0 * blk
+        b0 = 0 * blk
+        if NUM_GRIDS > 1:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G1H, G1W, G1C, G1B)
+        if NUM_GRIDS > 2:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G2H, G2W, G2C, G2B)
+        if NUM_GRIDS > 3:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G3H, G3W, G3C, G3B)
+        if NUM_GRIDS > 4:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G4H, G4W, G4C, G4B)
+        if NUM_GRIDS > 5:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G5H, G5W, G5C, G5B)
+        if NUM_GRIDS > 6:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G6H, G6W, G6C, G6B)
+        if NUM_GRIDS > 7:
+            gh, gw, c0, b0 = _later_grid(blk, gh, gw, c0, b0, G7H, G7W, G7C, G7B)
+
+        loc = (blk - b0) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)   # cell index inside the grid
+        mask_cell = loc < gh * gw
+        i = loc // gw
+        j = loc - i * gw
+        h0 = (i * H) // gh
+        n_r = tl.where(mask_cell, ((i + 1) * H + gh - 1) // gh - h0, 0)
+        w0 = (j * W) // gw
+        n_c = tl.where(mask_cell, ((j + 1) * W + gw - 1) // gw - w0, 0)
+        max_r = tl.max(n_r, axis=0)
+        max_c = tl.max(n_c, axis=0)
+
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if INT64:
+            b = b.to(tl.int64)
+            h0 = h0.to(tl.int64)
+            w0 = w0.to(tl.int64)
+            c_off = offs_c.to(tl.int64) * sxc
+        else:
+            c_off = offs_c * sxc
+        row_ptr = x_ptr + b * sxb + (h0 * sxh + w0 * sxw)[:, None] + c_off[None, :]
+
+        acc = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=ACC)
+        for dr in range(0, max_r):
+            row_ok = dr < n_r
+            ptr = row_ptr
+            for dc in range(0, max_c):
+                m = (row_ok & (dc < n_c))[:, None] & mask_c[None, :]
+                v = tl.load(ptr, mask=m, other=0.0)
+                acc += v.to(ACC)
+                ptr += sxw
+            row_ptr += sxh
+        area = tl.where(mask_cell, n_r * n_c, 1)
+        mean = acc / area.to(ACC)[:, None]
+        out_off = (b * N_TOTAL + c0 + loc)[:, None] * C + offs_c[None, :]
+        m = mask_cell[:, None] & mask_c[None, :]
+        tl.store(out_ptr + out_off, mean.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, gh, gw,
+                     ACC: tl.constexpr, INT64: tl.constexpr):
+        """acc += sum over the cells of grid (gh, gw) containing pixel (h, w) of grad / area.
+
+        Rows of those cells: floor(h*gh/H) <= i < ceil((h+1)*gh/H) (same for columns)."""
+        i_lo = (h * gh) // H
+        n_i = tl.where(mask_p, ((h + 1) * gh + H - 1) // H - i_lo, 0)
+        j_lo = (w * gw) // W
+        n_j = tl.where(mask_p, ((w + 1) * gw + W - 1) // W - j_lo, 0)
+        max_i = tl.max(n_i, axis=0)
+        max_j = tl.max(n_j, axis=0)
+        for di in range(0, max_i):
+            i = i_lo + di
+            ok_i = di < n_i
+            rows = ((i + 1) * H + gh - 1) // gh - (i * H) // gh
+            row_cell = start + i * gw
+            for dj in range(0, max_j):
+                j = j_lo + dj
+                ok = ok_i & (dj < n_j)
+                cols = ((j + 1) * W + gw - 1) // gw - (j * W) // gw
+                area = tl.where(ok, rows * cols, 1)
+                cell = row_cell + j
+                if INT64:
+                    cell = cell.to(tl.int64)
+                m = ok[:, None] & mask_c[None, :]
+                v = tl.load(g_base + (cell * sgn)[:, None] + c_off[None, :], mask=m, other=0.0)
+                acc += v.to(ACC) / area.to(ACC)[:, None]
+        return acc
+
+    @triton.jit
+    def _pyramid_pool_bwd(
+        g_ptr, gx_ptr,
+        H, W, C, N_PB, N_CB,
+        sgb, sgn, sgc,
+        G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H, G6W, G7H, G7W,
+        NUM_GRIDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cb = pid % N_CB               # channel blocks fastest: neighbours write adjacent bytes
+        rest = pid // N_CB
+        pb = rest % N_PB
+        b = rest // N_PB
+
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = p < H * W
+        h = p // W
+        w = p - h * W
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        if INT64:
+            b = b.to(tl.int64)
+            p = p.to(tl.int64)
+            c_off = offs_c.to(tl.int64) * sgc
+        else:
+            c_off = offs_c * sgc
+        g_base = g_ptr + b * sgb
+
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        start = 0
+        acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G0H, G0W, ACC, INT64)
+        start += G0H * G0W
+        if NUM_GRIDS > 1:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G1H, G1W, ACC, INT64)
+            start += G1H * G1W
+        if NUM_GRIDS > 2:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G2H, G2W, ACC, INT64)
+            start += G2H * G2W
+        if NUM_GRIDS > 3:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G3H, G3W, ACC, INT64)
+            start += G3H * G3W
+        if NUM_GRIDS > 4:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G4H, G4W, ACC, INT64)
+            start += G4H * G4W
+        if NUM_GRIDS > 5:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G5H, G5W, ACC, INT64)
+            start += G5H * G5W
+        if NUM_GRIDS > 6:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G6H, G6W, ACC, INT64)
+            start += G6H * G6W
+        if NUM_GRIDS > 7:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G7H, G7W, ACC, INT64)
+
+        out_off = (b * (H * W) + p)[:, None] * C + offs_c[None, :]
+        m = mask_p[:, None] & mask_c[None, :]
+        tl.store(gx_ptr + out_off, acc.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def _pairs(grids: Sequence[int]) -> List[tuple]:
+    return [(int(grids[2 * k]), int(grids[2 * k + 1])) for k in range(len(grids) // 2)]
+
+
+def pyramid_total(grids) -> int:
+    """N_total = sum(gh * gw) of a list of (gh, gw) pairs (or the flattened list)."""
+    if len(grids) and not isinstance(grids[0], (tuple, list)):
+        grids = _pairs(grids)
+    return sum(int(gh) * int(gw) for gh, gw in grids)
+
+
+def _grid_args(pairs) -> List[int]:
+    flat = []
+    for gh, gw in pairs:
+        flat += [gh, gw]
+    return flat + [0, 0] * (MAX_GRIDS - len(pairs))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _fwd_config(C: int, pairs):
+    """(BLOCK_CELLS, BLOCK_C): ~1K-element tiles on a GPU; bigger cell blocks under the
+    interpreter, whose cost is per program and per op, not per element."""
+    block_c = min(_next_pow2(C), 64)
+    if interpreting() and _BIG_INTERPRETER_BLOCKS:
+        return 128, block_c
+    max_cells = max(gh * gw for gh, gw in pairs)
+    return max(1, min(1024 // block_c, 32, _next_pow2(max_cells))), block_c
+
+
+def _forward_kernel(x: Tensor, pairs) -> Tensor:
+    B, H, W, C = x.shape
+    n_total = sum(gh * gw for gh, gw in pairs)
+    out = new_empty((B, n_total, C), x.dtype, x.device)
+    block_cells, block_c = _fwd_config(C, pairs)
+    args, cell0, blk0 = [], 0, 0
+    for k, (gh, gw) in enumerate(pairs):
+        args += [gh, gw] if k == 0 else [gh, gw, cell0, blk0]
+        cell0 += gh * gw
+        blk0 += triton.cdiv(gh * gw, block_cells)
+    args += [0, 0, 0, 0] * (MAX_GRIDS - len(pairs))
+    n_cb = triton.cdiv(C, block_c)
+    grid = (B * n_cb * blk0,)
+    _pyramid_pool_fwd[grid](
+        x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
+        NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_C=block_c,
+        ACC=_acc_dtype(x.dtype), INT64=needs_int64(x, out), num_warps=4,
+    )
+    return out
+
+
+def _backward_kernel(grad: Tensor, pairs, H: int, W: int) -> Tensor:
+    B, _, C = grad.shape
+    gx = new_empty((B, H, W, C), grad.dtype, grad.device)
+    block_c = min(_next_pow2(C), 64)
+    if interpreting() and _BIG_INTERPRETER_BLOCKS:
+        block_p = min(1024, _next_pow2(H * W))
+    else:
+        block_p = max(4, min(64, 4096 // block_c, _next_pow2(H * W)))
+    n_cb = triton.cdiv(C, block_c)
+    n_pb = triton.cdiv(H * W, block_p)
+    grid = (B * n_pb * n_cb,)
+    _pyramid_pool_bwd[grid](
+        grad, gx, H, W, C, n_pb, n_cb, *grad.stride(), *_grid_args(pairs),
+        NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c,
+        ACC=_acc_dtype(grad.dtype), INT64=needs_int64(grad, gx), num_warps=4,
+    )
+    return gx
+
+
+def _reference_forward(x: Tensor, pairs) -> Tensor:
+    B, C = x.shape[0], x.shape[3]
+    return torch.cat([p.reshape(B, -1, C) for p in ref.pyramid_pool(x, pairs)], 1)
+
+
+def _reference_backward(grad: Tensor, pairs, H: int, W: int) -> Tensor:
+    B, _, C = grad.shape
+    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    like = torch.empty((B, C, H, W), dtype=acc_dtype, device=grad.device)
+    gx = torch.zeros((B, H, W, C), dtype=acc_dtype, device=grad.device)
+    start = 0
+    for gh, gw in pairs:
+        g = grad[:, start:start + gh * gw].to(acc_dtype).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
+        gx += torch.ops.aten._adaptive_avg_pool2d_backward(g, like).permute(0, 2, 3, 1)
+        start += gh * gw
+    return gx.to(grad.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops (opaque to torch.compile, differentiable, double-differentiable)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("lrformer::pyramid_pool", mutates_args=())
+def _pyramid_pool_op(x: Tensor, grids: List[int]) -> Tensor:
+    pairs = _pairs(grids)
+    if use_kernel(x):
+        return _forward_kernel(x, pairs)
+    return _reference_forward(x, pairs)
+
+
+@_pyramid_pool_op.register_fake
+def _pyramid_pool_fake(x: Tensor, grids: List[int]) -> Tensor:
+    B, _, _, C = x.shape
+    return x.new_empty((B, pyramid_total(grids), C))
+
+
+@torch.library.custom_op("lrformer::pyramid_pool_backward", mutates_args=())
+def _pyramid_pool_backward_op(grad: Tensor, grids: List[int], height: int, width: int) -> Tensor:
+    pairs = _pairs(grids)
+    if use_kernel(grad):
+        return _backward_kernel(grad, pairs, height, width)
+    return _reference_backward(grad, pairs, height, width)
+
+
+@_pyramid_pool_backward_op.register_fake
+def _pyramid_pool_backward_fake(grad: Tensor, grids: List[int], height: int, width: int) -> Tensor:
+    B, _, C = grad.shape
+    return grad.new_empty((B, height, width, C))
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, grids = inputs
+    ctx.grids = list(grids)
+    ctx.hw = (x.shape[1], x.shape[2])
+
+
+def _fwd_backward(ctx, grad):
+    return _pyramid_pool_backward_op(grad, ctx.grids, ctx.hw[0], ctx.hw[1]), None
+
+
+def _bwd_setup(ctx, inputs, output):
+    ctx.grids = list(inputs[1])
+
+
+def _bwd_backward(ctx, grad_gx):
+    # the backward is linear in grad_out; its adjoint is the forward pool.
+    return _pyramid_pool_op(grad_gx, ctx.grids), None, None, None
+
+
+torch.library.register_autograd("lrformer::pyramid_pool", _fwd_backward, setup_context=_fwd_setup)
+torch.library.register_autograd("lrformer::pyramid_pool_backward", _bwd_backward,
+                                setup_context=_bwd_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def _check_grids(grids) -> List[int]:
+    if isinstance(grids, (str, bytes)) or not isinstance(grids, Sequence):
+        raise TypeError(f"grids must be a sequence of (gh, gw) pairs, got {type(grids).__name__}")
+    if not 1 <= len(grids) <= MAX_GRIDS:
+        raise ValueError(f"grids must hold 1 to {MAX_GRIDS} (gh, gw) pairs, got {len(grids)}")
+    flat = []
+    for k, g in enumerate(grids):
+        if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or len(g) != 2:
+            raise ValueError(f"grids[{k}] must be a (gh, gw) pair, got {g!r}")
+        for v in g:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"grids[{k}] must hold Python ints, got {g!r}")
+            if v <= 0:
+                raise ValueError(f"grids[{k}] must be positive, got {tuple(g)}")
+        flat += [int(g[0]), int(g[1])]
+    return flat
+
+
+def pyramid_pool(x: Tensor, grids: Sequence[Sequence[int]]) -> Tensor:
+    """Adaptive-average-pool ``x`` (B, H, W, C), any strides, to every grid of ``grids`` at once.
+
+    grids: 1 to 8 ``(gh, gw)`` pairs of positive ints (may exceed H/W).  Returns a contiguous
+    ``(B, sum(gh*gw), C)`` tensor in x's dtype: each grid's cells row-major, grids in order
+    (``split_pyramid`` gives per-grid views).  Differentiable (twice), torch.compile-able.
+    """
+    check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES)
+    flat = _check_grids(grids)
+    return _pyramid_pool_op(x, flat)
+
+
+def split_pyramid(out: Tensor, grids: Sequence[Sequence[int]]) -> List[Tensor]:
+    """The per-grid views ``(B, gh, gw, C)`` of a ``pyramid_pool`` result ``out`` (B, N_total, C)."""
+    check_tensor(out, "out", ndim=3)
+    flat = _check_grids(grids)
+    pairs = _pairs(flat)
+    B, n, C = out.shape
+    if n != pyramid_total(pairs):
+        raise ValueError(f"out has {n} cells but grids {pairs} have {pyramid_total(pairs)}")
+    views, start = [], 0
+    for gh, gw in pairs:
+        views.append(out[:, start:start + gh * gw].unflatten(1, (gh, gw)))
+        start += gh * gw
+    return views

@@ -1,0 +1,207 @@
+"""pyramid_pool: the fused multi-grid adaptive average pool vs lrformer.functional (float64)."""
+import pytest
+import torch
+
+import lrformer.functional as F
+import lrformer_kernels.pyramid_pool as pp
+from conftest import TOL, devices, dtypes_for, rel_err
+from lrformer_kernels._common import use_kernel
+from lrformer_kernels.pyramid_pool import pyramid_pool, split_pyramid
+
+MIXED8 = [(1, 1), (3, 2), (9, 11), (4, 7), (18, 5), (2, 22), (7, 1), (10, 10)]
+
+
+def grids_for(kind, H, W):
+    if kind == "lrsa":
+        return F.lrsa_grids(H, W)
+    if kind == "lrsa32":
+        return F.lrsa_grids(H, W, 32, (22, 16, 12, 8))
+    if kind == "mixed8":
+        return MIXED8
+    return kind
+
+
+def make_input(B, H, W, C, layout, dtype, device):
+    """A (B, H, W, C) map with the given memory layout (values drawn fresh)."""
+    def rnd(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+    if layout == "contig":
+        x = rnd(B, H, W, C)
+    elif layout == "nchw":          # an NCHW tensor seen tokens-last (no copy)
+        x = rnd(B, C, H, W).permute(0, 2, 3, 1)
+    elif layout == "sliced":        # odd strides everywhere
+        x = rnd(B, H + 3, 2 * W + 1, C + 2)[:, 2:H + 2, 1::2, 1:C + 1]
+    elif layout == "bexpand":       # batch stride 0
+        x = rnd(1, H, W, C).expand(B, H, W, C)
+    else:
+        raise AssertionError(layout)
+    assert x.shape == (B, H, W, C)
+    assert (layout == "contig") == x.is_contiguous()
+    return x
+
+
+def reference(x, grids):
+    B, C = x.shape[0], x.shape[3]
+    return torch.cat([p.reshape(B, -1, C) for p in F.pyramid_pool(x, grids)], 1)
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """Fail if the op falls back to the PyTorch reference instead of running the kernel."""
+    def boom(*a, **k):
+        raise AssertionError("reference path taken instead of the Triton kernel")
+    monkeypatch.setattr(pp, "_reference_forward", boom)
+    monkeypatch.setattr(pp, "_reference_backward", boom)
+
+
+# (B, H, W, C, grids, layout)
+CASES = [
+    (1, 7, 13, 5, "lrsa", "contig"),      # odd, non-square; query grid (16, 30) > map
+    (2, 13, 7, 24, "lrsa", "nchw"),       # transposed aspect; NCHW view
+    (2, 3, 5, 8, "lrsa", "sliced"),       # map much smaller than every grid
+    (1, 2, 2, 3, "lrsa", "contig"),
+    (1, 5, 6, 40, "lrsa32", "nchw"),      # decoder grids (32 / 22, 16, 12, 8)
+    (2, 20, 24, 40, "lrsa", "sliced"),    # grids smaller than the map (overlapping windows)
+    (2, 9, 11, 24, "mixed8", "bexpand"),  # 8 grids incl. 1x1, 7x1, 2x22; batch stride 0
+    (1, 17, 4, 70, "lrsa", "nchw"),       # two channel blocks, ragged last one
+]
+
+
+def _run_case(B, H, W, C, kind, layout, device, dtype):
+    grids = grids_for(kind, H, W)
+    x = make_input(B, H, W, C, layout, dtype, device)
+    assert use_kernel(x)
+    xk = x.detach().requires_grad_()
+    out = pyramid_pool(xk, grids)
+    n_total = sum(gh * gw for gh, gw in grids)
+    assert out.shape == (B, n_total, C) and out.dtype == dtype and out.is_contiguous()
+
+    xr = x.detach().double().requires_grad_()
+    ref = reference(xr, grids)
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, f"forward rel err {rel_err(out, ref):.3g} ({grids})"
+
+    if layout == "nchw":            # a non-contiguous upstream gradient too
+        g = torch.randn(B, C, n_total, device=device).to(dtype).transpose(1, 2)
+    else:
+        g = torch.randn(B, n_total, C, device=device).to(dtype)
+    (gx,) = torch.autograd.grad(out, xk, g)
+    (gx_ref,) = torch.autograd.grad(ref, xr, g.double())
+    assert gx.shape == (B, H, W, C) and gx.dtype == dtype
+    assert rel_err(gx, gx_ref) < tol, f"backward rel err {rel_err(gx, gx_ref):.3g} ({grids})"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_backward(case, device, kernel_only):
+    for dtype in dtypes_for(device):
+        _run_case(*case, device, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gpu_block_sizes(device, kernel_only, monkeypatch):
+    """The block sizes a GPU uses (several cell blocks per grid, pixel blocks of 64) also under
+    the interpreter, which otherwise uses bigger blocks to keep the tests fast."""
+    monkeypatch.setattr(pp, "_BIG_INTERPRETER_BLOCKS", False)
+    grids = [(4, 4), (3, 5), (12, 20), (1, 1), (5, 2)]
+    assert pp._fwd_config(70, grids)[0] < 12 * 20      # really several cell blocks per grid
+    for dtype in dtypes_for(device):
+        _run_case(2, 9, 10, 70, grids, "sliced", device, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_expanded_upstream_gradient(device, kernel_only):
+    """out.sum().backward() hands the backward a stride-0 gradient."""
+    for dtype in dtypes_for(device):
+        grids = [(3, 2), (1, 1), (5, 7)]
+        x = make_input(2, 4, 6, 3, "nchw", dtype, device).detach().requires_grad_()
+        pyramid_pool(x, grids).float().sum().backward()
+        xr = x.detach().double().requires_grad_()
+        reference(xr, grids).sum().backward()
+        assert rel_err(x.grad, xr.grad) < TOL[dtype]
+
+
+def test_gradcheck(kernel_only):
+    grids = [(2, 3), (5, 2), (1, 1)]
+    x = torch.randn(1, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    f = lambda t: pyramid_pool(t, grids)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_split_pyramid(device):
+    grids = [(3, 4), (2, 2), (5, 1)]
+    x = make_input(2, 6, 5, 7, "contig", dtypes_for(device)[0], device)
+    out = pyramid_pool(x, grids)
+    views = split_pyramid(out, grids)
+    for v, r, (gh, gw) in zip(views, F.pyramid_pool(x.double(), grids), grids):
+        assert v.shape == (2, gh, gw, 7)
+        assert v.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        assert rel_err(v, r) < TOL[x.dtype]
+    with pytest.raises(ValueError, match="out"):
+        split_pyramid(out, [(3, 4)])
+
+
+def test_reference_mode(monkeypatch):
+    """Off-GPU without the interpreter the op runs the PyTorch reference (forward and backward)."""
+    monkeypatch.setattr(pp, "use_kernel", lambda *t: False)
+    grids = F.lrsa_grids(5, 7)
+    x = make_input(2, 5, 7, 6, "nchw", torch.float64, "cpu").detach().requires_grad_()
+    out = pyramid_pool(x, grids)
+    xr = x.detach().requires_grad_()
+    ref = reference(xr, grids)
+    assert rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["reference", "kernel"])
+def test_torch_compile(mode, monkeypatch):
+    """torch.compile(fullgraph=True) through the custom op, forward and backward.
+
+    CPU only: 'reference' uses inductor (the op's PyTorch path); 'kernel' runs the Triton kernel
+    under the interpreter and uses backend='aot_eager' (no C++ build, keeps the test fast)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    if mode == "reference":
+        monkeypatch.setattr(pp, "use_kernel", lambda *t: False)
+        backend = "inductor"
+    else:
+        backend = "aot_eager"
+    grids = [(4, 6), (2, 3), (1, 1)]
+
+    def f(x):
+        y = pyramid_pool(x * 2.0, grids)
+        return split_pyramid(y, grids)[1].sum(-1) + y.mean()
+
+    x = make_input(2, 5, 8, 6, "nchw", torch.float64, "cpu").detach().requires_grad_()
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    out = cf(x)
+    xr = x.detach().requires_grad_()
+    ref_out = (lambda y: y[:, 24:30].reshape(2, 2, 3, 6).sum(-1) + y.mean())(reference(xr * 2.0, grids))
+    assert rel_err(out, ref_out) < 1e-12
+    g = torch.randn_like(out)
+    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref_out, xr, g)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("x, grids, exc, match", [
+    ("not a tensor", [(2, 2)], TypeError, "x"),
+    (torch.randn(4, 4, 3), [(2, 2)], ValueError, "x"),
+    (torch.randint(0, 5, (1, 4, 4, 3)), [(2, 2)], TypeError, "x"),
+    (torch.randn(0, 4, 4, 3), [(2, 2)], ValueError, "x"),
+    (torch.randn(1, 4, 4, 3), [], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(2, 2)] * 9, ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(0, 2)], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(2, -1)], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(2,)], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(2, 2, 2)], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [2, 2], ValueError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(2.0, 2)], TypeError, "grids"),
+    (torch.randn(1, 4, 4, 3), [(True, 2)], TypeError, "grids"),
+    (torch.randn(1, 4, 4, 3), "22", TypeError, "grids"),
+    (torch.randn(1, 4, 4, 3), (2, 2), ValueError, "grids"),
+])
+def test_bad_input(x, grids, exc, match):
+    with pytest.raises(exc, match=match):
+        pyramid_pool(x, grids)
