@@ -54,7 +54,8 @@ class LRFormerEncoder(nn.Module):
         self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
         self.num_heads, self.mlp_ratios = tuple(num_heads), tuple(mlp_ratios)
         self.q_size = q_size
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)  # stochastic depth rising linearly from 0 (plain floats: works on meta too)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         cur = 0
         for s in range(1, 5):
             dim, depth = embed_dims[s - 1], depths[s - 1]

@@ -23,6 +23,7 @@ def pool_grid(h: int, w: int, p: int) -> tuple[int, int]:
     ``(p, round(w*p/h + 0.001))`` if ``w >= h`` else ``(round(h*p/w + 0.001), p)`` (Python round).
     The grid may be larger than the map; adaptive average pooling then repeats pixels.
     """
+    h, w, p = int(h), int(w), int(p)  # sizes arrive as tensors under torch.jit.trace
     if h <= 0 or w <= 0 or p <= 0:
         raise ValueError(f"pool_grid needs positive sizes, got h={h}, w={w}, p={p}")
     if w >= h:

@@ -1,0 +1,1 @@
+"""Benchmarks for lrformer-kernels: FLOPs/params and latency/memory sweeps."""

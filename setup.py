@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lrformer-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for LRFormer (low-resolution self-attention) and the complete "
+                "LRFormer model in PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lrformer", "lrformer.*", "lrformer_kernels", "lrformer_kernels.*",
+                                    "benchmarks", "benchmarks.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "einops"],
+    extras_require={
+        # Triton ships with CUDA builds of torch; on CPU-only machines it runs the kernels in its
+        # interpreter (tests) — install it explicitly there.
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "triton>=3.0"],
+        "bench": ["matplotlib>=3.5", "tqdm>=4.60"],
+    },
+    entry_points={"console_scripts": [
+        "lrformer-bench=benchmarks.__main__:main",
+        "lrformer-flops=benchmarks.flops:main",
+    ]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
