@@ -27,13 +27,23 @@ from typing import Optional
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import HAS_TRITON, check_tensor, needs_int64, new_empty, use_kernel
+from lrformer_kernels._common import (HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty,
+                                      use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
 __all__ = ["upsample_residual"]
+
+
+#: Under the interpreter, use much bigger tiles (it pays per program and per loop step).  The tests
+#: switch this off for a few cases so the GPU tile configuration is exercised on CPU too.
+INTERP_BIG_TILES = True
+
+
+def _big_tiles() -> bool:
+    return INTERP_BIG_TILES and interpreting()
 
 
 def _np2(n: int) -> int:
@@ -48,50 +58,49 @@ if HAS_TRITON:
     @triton.jit
     def _upres_fwd_kernel(
         x_ptr, low_ptr, scale_ptr, keep_ptr, out_ptr,
-        H, W, h, w, C,
+        NPIX, H, W, h, w, C,
         sxb, sxh, sxw, sxc,
         slb, slh, slw, slc,
         sob, soh, sow, soc,
         s_scale, s_keep,
         HAS_SCALE: tl.constexpr, HAS_KEEP: tl.constexpr, FP64: tl.constexpr,
-        INT64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         if FP64:
             ACC = tl.float64
         else:
             ACC = tl.float32
-        pid_row = tl.program_id(0)  # b * H + oh
-        pid_w = tl.program_id(1)
-        pid_c = tl.program_id(2)
-        b = pid_row // H
-        oh = pid_row - b * H
-        ow = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        pid_p = tl.program_id(0)  # tile of flattened output pixels (b, oh, ow)
+        pid_c = tl.program_id(1)
+        pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         if INT64:
-            b = b.to(tl.int64)
-            oh = oh.to(tl.int64)
-            ow = ow.to(tl.int64)
+            pp = pp.to(tl.int64)
             cc = cc.to(tl.int64)
-        wmask = ow < W
+        pmask = pp < NPIX
         cmask = cc < C
-        mask = wmask[:, None] & cmask[None, :]
+        mask = pmask[:, None] & cmask[None, :]
+        ow = pp % W
+        t = pp // W
+        oh = t % H
+        b = t // H
 
-        # vertical source (scalar): exact integer arithmetic
+        # source coordinates, exact integer arithmetic: src = max(((2d+1)*in - out) / (2*out), 0)
         ny = tl.maximum((2 * oh + 1) * h - H, 0)
         y0 = ny // (2 * H)
-        ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H).to(ACC)
+        ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H)
         y1 = tl.minimum(y0 + 1, h - 1)
-        # horizontal source (vector)
         nx = tl.maximum((2 * ow + 1) * w - W, 0)
         x0 = nx // (2 * W)
-        lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W).to(ACC)
+        lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W)
         x1 = tl.minimum(x0 + 1, w - 1)
         lx = lx[:, None]
+        ly = ly[:, None]
 
         lbase = low_ptr + b * slb
         coff = cc[None, :] * slc
-        r0 = lbase + y0 * slh + coff
-        r1 = lbase + y1 * slh + coff
+        r0 = (lbase + y0 * slh)[:, None] + coff
+        r1 = (lbase + y1 * slh)[:, None] + coff
         c0 = (x0 * slw)[:, None]
         c1 = (x1 * slw)[:, None]
         v00 = tl.load(r0 + c0, mask=mask, other=0.0).to(ACC)
@@ -103,13 +112,13 @@ if HAS_TRITON:
             sc = tl.load(scale_ptr + cc * s_scale, mask=cmask, other=0.0).to(ACC)
             up = up * sc[None, :]
         if HAS_KEEP:
-            kp = tl.load(keep_ptr + b * s_keep).to(ACC)
-            up = up * kp
+            kp = tl.load(keep_ptr + b * s_keep, mask=pmask, other=0.0).to(ACC)
+            up = up * kp[:, None]
 
-        xv = tl.load(x_ptr + b * sxb + oh * sxh + ow[:, None] * sxw + cc[None, :] * sxc,
+        xv = tl.load(x_ptr + (b * sxb + oh * sxh + ow * sxw)[:, None] + cc[None, :] * sxc,
                      mask=mask, other=0.0).to(ACC)
         res = xv + up
-        tl.store(out_ptr + b * sob + oh * soh + ow[:, None] * sow + cc[None, :] * soc,
+        tl.store(out_ptr + (b * sob + oh * soh + ow * sow)[:, None] + cc[None, :] * soc,
                  res.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -168,7 +177,7 @@ if HAS_TRITON:
             for oh in range(oh_lo, oh_hi):
                 ny = tl.maximum((2 * oh + 1) * h - H, 0)
                 y0 = ny // (2 * H)
-                ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H).to(ACC)
+                ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H)
                 y1 = tl.minimum(y0 + 1, h - 1)
                 wy = tl.where(y0 == i, 1.0 - ly, 0.0) + tl.where(y1 == i, ly, 0.0)
                 gv = tl.load(gbase + oh * sgh + goff, mask=gmask, other=0.0).to(ACC)
@@ -176,7 +185,7 @@ if HAS_TRITON:
             # horizontal weights of these output columns, then reduction per low column
             nx = tl.maximum((2 * ow + 1) * w - W, 0)
             x0 = nx // (2 * W)
-            lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W).to(ACC)
+            lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W)
             x1 = tl.minimum(x0 + 1, w - 1)
             for jo in tl.static_range(BLOCK_J):
                 jc = j0 + jo
@@ -223,29 +232,32 @@ def _alloc_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _launch_fwd(x, low, scale, keep, out):
     B, H, W, C = x.shape
     _, h, w, _ = low.shape
+    npix = B * H * W
     BLOCK_C = min(_np2(C), 64)
-    BLOCK_W = min(_np2(W), max(1, 2048 // BLOCK_C))
-    grid = (B * H, triton.cdiv(W, BLOCK_W), triton.cdiv(C, BLOCK_C))
+    # ~2048-element tiles on a GPU; much bigger ones under the interpreter (per-program cost)
+    BLOCK_P = min(_np2(npix), max(16, (16384 if _big_tiles() else 2048) // BLOCK_C))
+    grid = (triton.cdiv(npix, BLOCK_P), triton.cdiv(C, BLOCK_C))
     dummy = x
     _upres_fwd_kernel[grid](
         x, low, scale if scale is not None else dummy, keep if keep is not None else dummy, out,
-        H, W, h, w, C,
+        npix, H, W, h, w, C,
         *x.stride(), *low.stride(), *out.stride(),
         scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
         HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
         FP64=x.dtype == torch.float64, INT64=needs_int64(x, low, out),
-        BLOCK_W=BLOCK_W, BLOCK_C=BLOCK_C, num_warps=4,
+        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
     )
 
 
 def _launch_bwd(grad, low, scale, keep, need_dlow, need_dscale):
     B, H, W, C = grad.shape
     _, h, w, _ = low.shape
-    BLOCK_C = min(_np2(C), 32)
-    BLOCK_J = min(_np2(w), 4)
-    # output columns touched by BLOCK_J low columns: about (BLOCK_J + 1) * W / w
+    interp = _big_tiles()
+    BLOCK_C = min(_np2(C), 64 if interp else 32)
+    BLOCK_J = min(_np2(w), 16 if interp else 4)
+    # output columns touched by BLOCK_J low columns: about (BLOCK_J + 1) * W / w + 2
     span = (BLOCK_J + 1) * W // w + 2
-    BLOCK_OW = max(2, min(_np2(span), 64 if BLOCK_C <= 16 else 32))
+    BLOCK_OW = max(2, min(_np2(span), 256 if interp else (64 if BLOCK_C <= 16 else 32)))
     NJ = triton.cdiv(w, BLOCK_J)
     acc = _acc_dtype(grad.dtype)
     dlow = new_empty(low.shape, low.dtype, low.device) if need_dlow else None
