@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty,
-                                      use_kernel)
+from lrformer_kernels._common import (HAS_TRITON, check_tensor, interpreting, needs_int64,
+                                      new_empty, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -272,7 +272,8 @@ def _launch_bwd(grad, low, scale, keep, need_dlow, need_dscale):
         scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
         HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
         NEED_DLOW=need_dlow, NEED_DSCALE=need_dscale,
-        FP64=grad.dtype == torch.float64, INT64=needs_int64(grad, low),
+        FP64=grad.dtype == torch.float64,
+        INT64=needs_int64(grad, low, *([dlow] if dlow is not None else [])),
         BLOCK_J=BLOCK_J, BLOCK_OW=BLOCK_OW, BLOCK_C=BLOCK_C, num_warps=4,
     )
     dscale = None
