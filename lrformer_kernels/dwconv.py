@@ -107,8 +107,9 @@ if HAS_TRITON:
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
-        if INT64:
+        if INT64:  # also the channel offsets: cs * stride_c alone may pass 2**31 (NCHW views)
             pid_p = pid_p.to(tl.int64)
+            pid_c = pid_c.to(tl.int64)
         idx = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
@@ -136,8 +137,9 @@ if HAS_TRITON:
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
-        if INT64:
+        if INT64:  # also the channel offsets: cs * stride_c alone may pass 2**31 (NCHW views)
             pid_p = pid_p.to(tl.int64)
+            pid_c = pid_c.to(tl.int64)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         dcoff = (cs * sdc)[None, :]

@@ -1,6 +1,5 @@
 """Fused depthwise 3x3 conv (lrformer_kernels.dwconv) vs the float64 reference (lrformer.functional)."""
 import itertools
-import time
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ def _inputs(B, H, W, C, device, dtype, nchw, with_bias, param_dtype=None):
 
 def _run(x, w, b, gelu, residual, dy, fn):
     """Forward and (d_x, d_weight, d_bias) via autograd with upstream grad dy."""
-    leaves = [t.detach().requires_grad_() for t in (x, w)] + ([b.detach().requires_grad_()] if b is not None else [])
+    leaves = [t.detach().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
     y = fn(leaves[0], leaves[1], leaves[2] if b is not None else None, gelu, residual)
     grads = torch.autograd.grad(y, leaves, dy)
     return y, grads
