@@ -74,6 +74,19 @@ def _upsample(args, kwargs, out):
     return out.numel() * 4
 
 
+def _sdpa(args, kwargs, out):
+    """Fused scaled-dot-product attention: q (..., Nq, d), k (..., M, d), v (..., M, dv).
+
+    Two matrix products, ``q k^T`` (Nq*M*d multiply-adds per batch*head) and ``attn v``
+    (Nq*M*dv); the scale, mask and softmax count nothing (fvcore convention).
+    """
+    q, k, v = args[0], args[1], args[2]
+    batch_heads = _numel(q.shape[:-2])
+    nq, d = q.shape[-2], q.shape[-1]
+    m, dv = k.shape[-2], v.shape[-1]
+    return batch_heads * nq * m * (d + dv)
+
+
 HANDLERS: Dict[object, Callable] = {
     aten.mm: _mm, aten.addmm: _addmm, aten.bmm: _bmm, aten.convolution: _conv,
     aten.native_layer_norm: _layer_norm,
@@ -83,10 +96,17 @@ HANDLERS: Dict[object, Callable] = {
     aten._adaptive_avg_pool2d: _pool,
     aten.upsample_bilinear2d: _upsample,
 }
+#: SDPA backends that run as one aten op (on meta the math path decomposes into two bmm instead).
+SDPA_OPS = tuple(getattr(aten, n) for n in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(aten, n))
+HANDLERS.update({op: _sdpa for op in SDPA_OPS})
 NAMES = {aten.mm: "matmul", aten.addmm: "matmul", aten.bmm: "matmul", aten.convolution: "conv",
          aten.native_layer_norm: "layer_norm", aten._native_batch_norm_legit_no_training: "batch_norm",
          aten._native_batch_norm_legit: "batch_norm", aten.native_batch_norm: "batch_norm",
          aten._adaptive_avg_pool2d: "adaptive_avg_pool2d", aten.upsample_bilinear2d: "upsample_bilinear2d"}
+NAMES.update({op: "matmul" for op in SDPA_OPS})
 
 
 class FlopCounter(TorchDispatchMode):

@@ -1,0 +1,239 @@
+"""PNG plots of a results folder (matplotlib, Agg backend).  ``python -m benchmarks.plots DIR``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+IMPL_STYLE = {"eager": "-", "compile": ":", "fused": "--"}
+IMPL_COLOR = {"eager": "tab:gray", "compile": "tab:orange", "fused": "tab:blue"}
+KIND_COLOR = {"lrsa": "tab:blue", "sra": "tab:green", "global": "tab:red", "window": "tab:purple"}
+
+
+def load(folder: str, name: str):
+    p = os.path.join(folder, f"{name}.json")
+    if not os.path.exists(p):
+        return None, []
+    with open(p) as f:
+        d = json.load(f)
+    return d.get("meta", {}), d.get("rows", [])
+
+
+def _mpix(image: str) -> float:
+    h, w = (int(v) for v in image.split("x"))
+    return h * w / 1e6
+
+
+def _title(meta) -> str:
+    return f"{meta.get('device', '')} | torch {meta.get('torch', '')}"
+
+
+def _size_axis(ax, images):
+    xs = sorted(set(images), key=_mpix)
+    ax.set_xscale("log")
+    ax.set_xticks([_mpix(i) for i in xs])
+    ax.set_xticklabels(xs, rotation=30, fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("image size")
+
+
+def plot_flops(folder, out: List[str]):
+    meta, rows = load(folder, "flops")
+    rows = [r for r in rows if r.get("gflops") is not None]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    by = defaultdict(list)
+    for r in rows:
+        by[r["model"]].append(r)
+    for model, rs in by.items():
+        rs.sort(key=lambda r: _mpix(r["image"]))
+        ax.plot([_mpix(r["image"]) for r in rs], [r["gflops"] for r in rs], "o-",
+                label=f"{model} ({rs[0]['params_m']:.1f} M params)")
+    _size_axis(ax, [r["image"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("GFLOPs (multiply-adds)")
+    ax.set_title("LRFormer FLOPs vs resolution\n" + _title(meta), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = os.path.join(folder, "flops_vs_resolution.png")
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    out.append(p)
+
+
+def _per_stage_lines(folder, rows, value, ylabel, fname, title, meta, out, log=True):
+    stages = sorted({r["stage"] for r in rows})
+    if not stages:
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.6 * len(stages), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        rs = [r for r in rows if r["stage"] == s and r.get(value) is not None]
+        by = defaultdict(list)
+        for r in rs:
+            by[r.get("kind") or r.get("name")].append(r)
+        for kind, krs in by.items():
+            krs = [r for r in krs if r["image"].split("x")[0] == r["image"].split("x")[1]] or krs
+            krs.sort(key=lambda r: _mpix(r["image"]))
+            ax.plot([_mpix(r["image"]) for r in krs], [r[value] for r in krs], "o-",
+                    color=KIND_COLOR.get(kind), label=kind)
+        if rs:
+            _size_axis(ax, [r["image"] for r in rs if r["image"].split("x")[0] == r["image"].split("x")[1]]
+                       or [r["image"] for r in rs])
+        if log:
+            ax.set_yscale("log")
+        dim = rs[0].get("dim") if rs else ""
+        ax.set_title(f"stage {s}" + (f" (C={dim})" if dim else ""), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title + "\n" + _title(meta), fontsize=9)
+    fig.tight_layout()
+    p = os.path.join(folder, fname)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    out.append(p)
+
+
+def plot_attention(folder, out):
+    meta, rows = load(folder, "attention_flops")
+    if rows:
+        _per_stage_lines(folder, rows, "gflops", "GFLOPs, one layer (log)", "attention_flops.png",
+                         "One attention layer at LRFormer-S stage widths: LRSA vs SegFormer SRA vs global "
+                         "vs Swin window", meta, out)
+    meta, rows = load(folder, "attention_latency")
+    rows = [dict(r, kind=r["name"]) for r in rows if r.get("median_ms")]
+    if rows:
+        _per_stage_lines(folder, rows, "median_ms", "forward latency, ms (log)", "attention_latency.png",
+                         f"One attention layer, forward, batch 1, {rows[0].get('dtype')}", meta, out)
+
+
+def _bar_grid(folder, name, rows, group_key, fname, title, meta, out):
+    """rows = cases at one image; subplot per (group, mode); bars per stage x impl."""
+    if not rows:
+        return
+    groups = sorted({r[group_key] for r in rows}, key=lambda g: [r[group_key] for r in rows].index(g))
+    modes = sorted({r["mode"] for r in rows})
+    impls = [i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in rows)]
+    fig, axes = plt.subplots(len(modes), len(groups), figsize=(3.2 * len(groups), 2.9 * len(modes)),
+                             squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, g in enumerate(groups):
+            ax = axes[i][j]
+            rs = [r for r in rows if r[group_key] == g and r["mode"] == mode]
+            stages = sorted({r["stage"] for r in rs})
+            wdt = 0.8 / max(len(impls), 1)
+            for k, impl in enumerate(impls):
+                ys = []
+                for s in stages:
+                    m = [r for r in rs if r["stage"] == s and r["impl"] == impl and r.get("median_ms")]
+                    ys.append(m[0]["median_ms"] if m else 0)
+                ax.bar([x + k * wdt for x in range(len(stages))], ys, wdt, label=impl, color=IMPL_COLOR[impl])
+            ax.set_xticks([x + wdt * (len(impls) - 1) / 2 for x in range(len(stages))])
+            ax.set_xticklabels([f"s{s}" for s in stages])
+            ax.set_title(f"{g} {mode}", fontsize=8)
+            ax.set_yscale("log")
+            ax.grid(True, axis="y", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("median ms (log)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title + "\n" + _title(meta), fontsize=9)
+    fig.tight_layout()
+    p = os.path.join(folder, fname)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    out.append(p)
+
+
+def plot_levels(folder, out):
+    for name in ("ops", "lrsa", "block"):
+        meta, rows = load(folder, name)
+        rows = [r for r in rows if r.get("median_ms")]
+        if not rows:
+            continue
+        image = max({r["image"] for r in rows}, key=_mpix)
+        for dtype in sorted({r["dtype"] for r in rows}):
+            rs = [r for r in rows if r["image"] == image and r["dtype"] == dtype]
+            _bar_grid(folder, name, rs, "name", f"{name}_latency_{dtype}.png",
+                      f"{name}: LRFormer-S stage shapes, {image} images, batch {rs[0]['batch'] if rs else ''}, "
+                      f"{dtype}", meta, out)
+    meta, rows = load(folder, "ops")
+    rows = [r for r in rows if r.get("pct_of_copy_bw") and r.get("impl") in ("eager", "fused")]
+    if rows:
+        ops = [o for o in dict.fromkeys(r["name"] for r in rows)]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(ops)), 3.8))
+        image = max({r["image"] for r in rows}, key=_mpix)
+        labels, vals, colors = [], [], []
+        for op in ops:
+            for impl in ("eager", "fused"):
+                rs = [r for r in rows if r["name"] == op and r["impl"] == impl and r["image"] == image
+                      and r["mode"] == "fwd" and r["stage"] == 1]
+                for r in rs:
+                    labels.append(f"{op}\n{impl} {r['dtype']}")
+                    vals.append(r["pct_of_copy_bw"])
+                    colors.append(IMPL_COLOR[impl])
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, fontsize=6, rotation=60)
+        ax.set_ylabel("% of device copy bandwidth")
+        ax.set_title(f"ops forward at stage 1 ({image} images): achieved bandwidth\n" + _title(meta), fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        p = os.path.join(folder, "ops_bandwidth.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(p)
+
+
+def plot_model(folder, out):
+    meta, rows = load(folder, "model")
+    for value, fname, ylabel in (("median_ms", "model_latency.png", "median ms (log)"),
+                                 ("peak_mem_mb", "model_memory.png", "peak extra memory, MiB (log)")):
+        rs = [r for r in rows if r.get(value)]
+        if not rs:
+            continue
+        panels = list(dict.fromkeys((r["task"], r["dtype"]) for r in rs))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+        for ax, (task, dtype) in zip(axes[0], panels):
+            prs = [r for r in rs if r["task"] == task and r["dtype"] == dtype]
+            by = defaultdict(list)
+            for r in prs:
+                by[(r["variant"], r["impl"])].append(r)
+            colors = dict(zip(sorted({r["variant"] for r in prs}), ("tab:blue", "tab:green", "tab:orange",
+                                                                     "tab:red", "tab:purple")))
+            for (variant, impl), vrs in by.items():
+                vrs.sort(key=lambda r: _mpix(r["image"]))
+                ax.plot([_mpix(r["image"]) for r in vrs], [r[value] for r in vrs], "o" + IMPL_STYLE[impl],
+                        color=colors[variant], label=f"{variant.upper()} {impl}")
+            _size_axis(ax, [r["image"] for r in prs])
+            ax.set_yscale("log")
+            ax.set_title(f"{task}, batch {prs[0]['batch']}, {dtype}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel(ylabel)
+        fig.suptitle("LRFormer segmentor\n" + _title(meta), fontsize=9)
+        fig.tight_layout()
+        p = os.path.join(folder, fname)
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out.append(p)
+
+
+def make_plots(folder: str) -> List[str]:
+    out: List[str] = []
+    for f in (plot_flops, plot_attention, plot_levels, plot_model):
+        f(folder, out)
+    return out
+
+
+if __name__ == "__main__":
+    for p in make_plots(sys.argv[1]):
+        print(p)
