@@ -80,9 +80,9 @@ if HAS_TRITON:
         return v
 
     @triton.jit
-    def _load_w(w_ptr, cs, cmask, K: tl.constexpr, ACC: tl.constexpr):
-        """Weight tap K (= ky * 3 + kx) of every channel in the block; weight is (C, 9) contiguous."""
-        return tl.load(w_ptr + cs * 9 + K, mask=cmask, other=0.0).to(ACC)[None, :]
+    def _load_w(w_ptr, cs, cmask, C, K: tl.constexpr, ACC: tl.constexpr):
+        """Weight tap K (= ky * 3 + kx) of every channel in the block; weights are (9, C) contiguous."""
+        return tl.load(w_ptr + K * C + cs, mask=cmask, other=0.0).to(ACC)[None, :]
 
     @triton.jit
     def _pixels(idx, N, H, W):
@@ -119,7 +119,7 @@ if HAS_TRITON:
         for ky in tl.static_range(3):
             for kx in tl.static_range(3):
                 v = _load_tap(xp, pmask, rt, rb, wl, wr, cmask, sxh, sxw, ky - 1, kx - 1, GELU, ACC)
-                acc += v * _load_w(w_ptr, cs, cmask, ky * 3 + kx, ACC)
+                acc += v * _load_w(w_ptr, cs, cmask, C, ky * 3 + kx, ACC)
                 if RESIDUAL:
                     if ky == 1:
                         if kx == 1:
@@ -144,15 +144,6 @@ if HAS_TRITON:
         cmask = cs < C
         dcoff = (cs * sdc)[None, :]
         xcoff = (cs * sxc)[None, :]
-        w00 = _load_w(w_ptr, cs, cmask, 0, ACC)
-        w01 = _load_w(w_ptr, cs, cmask, 1, ACC)
-        w02 = _load_w(w_ptr, cs, cmask, 2, ACC)
-        w10 = _load_w(w_ptr, cs, cmask, 3, ACC)
-        w11 = _load_w(w_ptr, cs, cmask, 4, ACC)
-        w12 = _load_w(w_ptr, cs, cmask, 5, ACC)
-        w20 = _load_w(w_ptr, cs, cmask, 6, ACC)
-        w21 = _load_w(w_ptr, cs, cmask, 7, ACC)
-        w22 = _load_w(w_ptr, cs, cmask, 8, ACC)
         a00 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         a01 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         a02 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
@@ -171,17 +162,25 @@ if HAS_TRITON:
             xp = x_ptr + (b * sxb + h * sxh + w * sxw)[:, None] + xcoff
             # ---- d_g[h, w] = sum_{ky,kx} dy[h - ky + 1, w - kx + 1] * w[ky, kx]  (+ dy if residual)
             dyc = _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 0, 0, False, ACC)
-            dg = dyc * w11
+            dg = dyc * _load_w(w_ptr, cs, cmask, C, 4, ACC)
             if RESIDUAL:
                 dg += dyc
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, 1, False, ACC) * w00
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, 0, False, ACC) * w01
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, -1, False, ACC) * w02
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 0, 1, False, ACC) * w10
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 0, -1, False, ACC) * w12
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, 1, False, ACC) * w20
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, 0, False, ACC) * w21
-            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, -1, False, ACC) * w22
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, 1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 0, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, 0, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 1, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 1, -1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 2, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 0, 1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 3, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, 0, -1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 5, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, 1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 6, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, 0, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 7, ACC)
+            dg += _load_tap(dp, pm, rt, rb, wl, wr, cmask, sdh, sdw, -1, -1, False, ACC) \
+                * _load_w(w_ptr, cs, cmask, C, 8, ACC)
             xc = _load_tap(xp, pm, rt, rb, wl, wr, cmask, sxh, sxw, 0, 0, False, ACC)
             if GELU:
                 cdf = 0.5 * (1.0 + tl.math.erf(xc * 0.7071067811865476))
@@ -227,18 +226,22 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-#: Tile sizes in elements (BLOCK_P * BLOCK_C) per (device type, pass).  GPU forward: 2K elements
-#: (16 values per thread at 4 warps); GPU backward keeps 10 register accumulators, so 1K.  The CPU
-#: interpreter prefers few, big programs.  Module-level so that tests can shrink them.
-_TILE_ELEMS = {("cuda", "fwd"): 2048, ("cuda", "bwd"): 1024, ("cpu", "fwd"): 8192, ("cpu", "bwd"): 8192}
-_MAX_BLOCK_C = 128
-#: backward grid: about this many programs per SM (CPU: per "SM" = 1) in all.
-_PROGRAMS_PER_SM = 4
+#: Tile sizes in elements (BLOCK_P * BLOCK_C) per (device type, pass) and GPU warps per program.
+#: Sized from ptxas register counts on sm_90 (bf16/fp32, channel-contiguous x): forward 1024
+#: elements = 8 values per thread at 4 warps (~76 regs, 16-byte loads), or 4 per thread at 8 warps
+#: with GELU (the 9 erf evaluations per value push 4 warps to ~168 regs); fused backward 512
+#: elements at 4 warps (~150 regs with GELU, no spills; 1024 spills).  The CPU interpreter
+#: prefers few, big programs.  Module-level so that tests (and tuning) can change them.
+_TILE_ELEMS = {("cuda", "fwd"): 1024, ("cuda", "bwd"): 512, ("cpu", "fwd"): 8192, ("cpu", "bwd"): 8192}
+_MAX_BLOCK_C = {"fwd": 128, "bwd": 64}
+#: backward grid: about this many programs per SM in all (~2-3 waves at the backward's occupancy;
+#: partial buffer = programs * 10 * BLOCK_C fp32, ~2.7 MB on an H100).  CPU: per "SM" = 1.
+_PROGRAMS_PER_SM = 8
 
 
 def _blocks(x: torch.Tensor, kind: str):
     C = x.shape[-1]
-    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C[kind])
     elems = _TILE_ELEMS[("cuda" if x.is_cuda else "cpu", kind)]
     n_pix = x.shape[0] * x.shape[1] * x.shape[2]
     block_p = min(triton.next_power_of_2(max(1, elems // block_c)), triton.next_power_of_2(n_pix))
@@ -260,7 +263,7 @@ def _fwd_triton(x, weight, bias, gelu, residual):
     B, H, W, C = x.shape
     N = B * H * W
     y = new_empty((B, H, W, C), x.dtype, x.device)
-    w9 = weight.reshape(C, 9).contiguous()
+    w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
     b = bias.contiguous() if bias is not None else w9  # dummy pointer when no bias
     block_p, block_c = _blocks(x, "fwd")
     int64 = needs_int64(x, y)
@@ -269,7 +272,7 @@ def _fwd_triton(x, weight, bias, gelu, residual):
         _dwconv_fwd_kernel[grid](
             x, w9, b, y, N, H, W, C, *x.stride(),
             HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, INT64=int64,
-            ACC=_acc_dtype(x), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+            ACC=_acc_dtype(x), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8 if gelu else 4)
     return y
 
 
@@ -278,7 +281,7 @@ def _bwd_triton(dy, x, weight, bias, gelu, residual):
     N = B * H * W
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = new_empty((B, H, W, C), x.dtype, x.device)
-    w9 = weight.reshape(C, 9).contiguous()
+    w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
     block_p, block_c = _blocks(x, "bwd")
     n_cblk = triton.cdiv(C, block_c)
     n_chunks = triton.cdiv(N, block_p)

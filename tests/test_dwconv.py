@@ -93,7 +93,8 @@ def test_many_programs_and_chunks(device, dtype, gelu, monkeypatch):
     per backward program (partials reduced across programs) and int64 offsets."""
     for key in list(dw._TILE_ELEMS):
         monkeypatch.setitem(dw._TILE_ELEMS, key, 128)  # BLOCK_C 16 x BLOCK_P 8
-    monkeypatch.setattr(dw, "_MAX_BLOCK_C", 16)
+    for key in list(dw._MAX_BLOCK_C):
+        monkeypatch.setitem(dw._MAX_BLOCK_C, key, 16)
     monkeypatch.setattr(dw, "_num_sms", lambda t: 1)
     monkeypatch.setattr(dw, "_PROGRAMS_PER_SM", 6)
     # 24 pixels = 3 chunks, C = 40 = 3 channel blocks (ragged): 2 backward programs x 2 chunks each,
