@@ -101,7 +101,7 @@ class Budget:
         if self.deadline is None:
             return True
         now = time.perf_counter()
-        if now >= self.section_deadline or now >= self.deadline:
+        if now >= self.deadline or (now >= self.section_deadline and not case.essential):
             return False
         return now + case.min_budget_s <= self.deadline
 
@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny settings (tests, CI): seconds on a CPU")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device-slug>)")
+    p.add_argument("--results-root", default=None,
+                   help="write to RESULTS_ROOT/<device-slug> instead of benchmarks/results/<device-slug>")
     p.add_argument("--sections", default=",".join(SW.SECTIONS),
                    help=f"comma-separated subset of {','.join(SW.SECTIONS)}")
     p.add_argument("--dtype", default=None, help="comma-separated: fp32,bf16 (default: both on CUDA, fp32 on CPU)")
@@ -126,6 +128,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 with --quick: steadier on a loaded box)")
     return p.parse_args(argv)
 
 
@@ -157,6 +161,15 @@ def make_config(args) -> SW.Config:
 
 
 def run(argv=None) -> str:
+    """Run the sweep (``argv`` as on the command line); returns the results folder."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv=None) -> str:
     args = parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for s in sections:
@@ -164,9 +177,12 @@ def run(argv=None) -> str:
             raise SystemExit(f"unknown section {s!r}; choose from {','.join(SW.SECTIONS)}")
     cfg = make_config(args)
     dev = cfg.device
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
     name = device_name(dev)
     slug = slugify(name.replace("CPU ", "cpu-")) + ("-quick" if args.quick else "")
-    out = args.out or os.path.join(HERE, "results", slug)
+    out = args.out or os.path.join(args.results_root or os.path.join(HERE, "results"), slug)
     os.makedirs(out, exist_ok=True)
     ver = versions()
     started = _dt.datetime.now().isoformat(timespec="seconds")
@@ -190,14 +206,17 @@ def run(argv=None) -> str:
     common = dict(device=name, **ver)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=total, desc="benchmarks", unit="case", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total, desc="benchmarks", unit="case", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.2 if sys.stderr.isatty() else 10.0)
     except ImportError:  # pragma: no cover
         bar = None
+    section_s: Dict[str, float] = {}
     for section in sections:
         budget.start_section(section)
+        t_sec = time.perf_counter()
         for case in all_cases[section]:
             if bar is not None:
-                bar.set_postfix_str(_case_label(case)[:60])
+                bar.set_postfix_str(_case_label(case)[:60], refresh=False)
             row = dict(case.key)
             if case.status is not None:
                 row["status"] = case.status
@@ -221,9 +240,11 @@ def run(argv=None) -> str:
             rows.setdefault(case.section, []).append(row)
             if bar is not None:
                 bar.update(1)
+        section_s[section] = round(time.perf_counter() - t_sec, 1)
         _write_all(out, rows, copy_bw)           # after each section: partial results survive
     if bar is not None:
         bar.close()
+    SW.release_models()
     for sec, n in skipped_budget.items():
         notes.append(f"{n} {sec} case(s) skipped: the --max-minutes {args.max_minutes} budget ran out")
     if not cfg.cuda:
@@ -233,7 +254,8 @@ def run(argv=None) -> str:
                 cuda=torch.version.cuda if cfg.cuda else None, python=platform.python_version(),
                 platform=platform.platform(), cpu_count=os.cpu_count(), started=started,
                 finished=_dt.datetime.now().isoformat(timespec="seconds"),
-                elapsed_s=round(budget.elapsed(), 1), sections=sections, argv=list(argv or sys.argv[1:]),
+                elapsed_s=round(budget.elapsed(), 1), section_seconds=section_s, sections=sections,
+                torch_threads=torch.get_num_threads(), argv=list(argv or sys.argv[1:]),
                 max_minutes=args.max_minutes, copy_bandwidth_gbps=copy_bw,
                 dtypes_note=("op level: tensors in the dtype; LRSA/block/model levels: fp32 parameters and "
                              "inputs with autocast to the dtype (bf16 = mixed precision)"),
@@ -247,8 +269,8 @@ def run(argv=None) -> str:
         json.dump(meta, f, indent=2, default=str)
     _write_all(out, rows, copy_bw, meta)
     if not args.no_plots:
-        from .plots import make_plots
         try:
+            from .plots import make_plots
             made = make_plots(out)
             print(f"plots: {', '.join(os.path.basename(p) for p in made)}")
         except Exception as exc:  # noqa: BLE001
@@ -285,9 +307,9 @@ def _finish_timing_rows(rows: List[dict], copy_bw: Optional[float]):
         if e is not None:
             r["speedup_vs_eager"] = round(e["median_ms"] / ms, 3)
         if r.get("bytes"):
-            r["gbps"] = round(r["bytes"] / (ms * 1e-3) / 1e9, 1)
+            r["gbps"] = round(r["bytes"] / (ms * 1e-3) / 1e9, 4)
             if copy_bw:
-                r["pct_of_copy_bw"] = round(100 * r["gbps"] / copy_bw, 1)
+                r["pct_of_copy_bw"] = round(100 * r["gbps"] / copy_bw, 2)
         if r.get("flop"):
             r["tflops"] = round(r["flop"] / (ms * 1e-3) / 1e12, 3)
 

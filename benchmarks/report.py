@@ -109,7 +109,7 @@ def level_table(folder, name, title) -> str:
         if name == "ops":
             bw = (f or {}).get("gbps") or (e or {}).get("gbps")
             pct = (f or {}).get("pct_of_copy_bw")
-            line.append("-" if not bw else (f"{bw:.0f}" + (f" ({pct:.0f}%)" if pct else "")))
+            line.append("-" if not bw else (f"{bw:.3g}" + (f" ({pct:.0f}%)" if pct else "")))
         mem = [(g.get(i) or {}).get("peak_mem_mb") for i in ("eager", "fused")]
         line.append(" / ".join(f"{m:.0f}" if isinstance(m, (int, float)) else "-" for m in mem))
         out.append(line)

@@ -21,7 +21,7 @@ CPU-only machine only ``eager`` is timed; ``fused`` and ``compile`` rows say ``n
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -107,15 +107,16 @@ def default_config(device: torch.device, quick: bool = False) -> Config:
     cuda = device.type == "cuda"
     if quick:
         return Config(device=device, quick=True, dtypes=("bf16",) if cuda else ("fp32",), batch=1,
-                      train_batch=1, flops_variants=("t", "s"), flops_sizes=sq(256),
+                      train_batch=1, flops_variants=("t",), flops_sizes=sq(256),
                       attn_sizes=sq(128, 256), attn_latency_sizes=sq(256) if cuda else (),
-                      op_images=sq(128), model_variants=("t",), model_sizes=sq(128),
-                      train_sizes=sq(128), train_variants=("t",), compile=False,
+                      op_images=sq(128), model_variants=("t",), model_sizes=sq(96),
+                      train_sizes=sq(96), train_variants=("t",), compile=False,
                       timing=TimingSettings(warmup_ms=5, target_ms=20, min_reps=3, max_reps=20,
                                             cpu_target_s=0.05, cpu_max_reps=2, max_sets=3))
     full_sizes = sq(512, 768, 1024, 1536, 2048) + ((1024, 2048),)
     if cuda:
         return Config(device=device, dtypes=("fp32", "bf16"), batch=8, train_batch=8,
+                      timing=TimingSettings(warmup_ms=20, target_ms=100, min_reps=5, max_reps=100),
                       flops_sizes=full_sizes, attn_sizes=full_sizes, attn_latency_sizes=sq(512, 1024, 2048),
                       op_images=sq(512, 1024), model_sizes=sq(512, 1024) + ((1024, 2048),) + sq(2048),
                       train_sizes=sq(512, 1024))
@@ -136,6 +137,7 @@ class Case:
     status: Optional[str] = None                     # preset status (needs GPU, n/a, ...): not run
     compile: bool = False                            # needs a torch.compile (slow first call)
     min_budget_s: float = 0.0                        # skip if less than this is left overall
+    essential: bool = False                          # cheap (meta device): only the overall deadline
 
 
 def _fused_available() -> Tuple[Optional[Callable], str]:
@@ -223,7 +225,7 @@ def flops_cases(cfg: Config) -> List[Case]:
                 return dict(params=r["params"], params_m=round(r["params"] / 1e6, 3),
                             gflops=round(r["flops"] / 1e9, 3), reference_gflops=ref)
             cases.append(Case("flops", dict(model=name, image=size_str(hw), height=hw[0], width=hw[1],
-                                            num_classes=nc), fn))
+                                            num_classes=nc), fn, essential=True))
     return cases
 
 
@@ -242,7 +244,8 @@ def attention_flops_cases(cfg: Config) -> List[Case]:
                 extra = {"sr_ratio": AB.effective_sr(AB.SR_RATIOS[s - 1], h, w)} if kind == "sra" else {}
                 cases.append(Case("attention_flops", dict(
                     kind=kind, label=AB.LABELS[kind], stage=s, dim=dim, heads=heads, image=size_str(hw),
-                    map=f"{h}x{w}", tokens=h * w, note=";".join(f"{k}={v}" for k, v in extra.items())), fn))
+                    map=f"{h}x{w}", tokens=h * w, note=";".join(f"{k}={v}" for k, v in extra.items())), fn,
+                    essential=True))
     return cases
 
 
@@ -288,8 +291,8 @@ def op_bytes(op: str, B: int, h: int, w: int, s: int, esize: int, mode: str) -> 
     lowres_attention  fwd: read q (B Nq C), k, v (B M C each) + write o (B Nq C);
                       bwd: read dO, q, o (B Nq C each), k, v (B M C each), lse (B heads Nq fp32) +
                       write dq (B Nq C), dk, dv (B M C each).
-    upsample_residual fwd: read x (B H W C), low (B hq wq C), scale (C fp32), keep (B fp32) +
-                      write out (B H W C);
+    upsample_residual fwd: read x (B H W C), low (B hq wq C), scale (C fp32, stages 3-4), keep (B
+                      fp32, fwd+bwd only: drop path in training) + write out (B H W C);
                       bwd: read dOut (B H W C), low (B hq wq C) + write dlow (B hq wq C),
                       dscale (C fp32) (dx is dOut itself: no copy).
     dwconv (C')       fwd: read x (B H W C') + write y (B H W C') (+ weights 10 C');
@@ -309,10 +312,11 @@ def op_bytes(op: str, B: int, h: int, w: int, s: int, esize: int, mode: str) -> 
     elif op == "lowres_attention":
         fwd = (2 * B * nq * C + 2 * B * m * C) * esize
         bwd = (3 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + B * heads * nq * 4
-    elif op == "upsample_residual":
+    elif op == "upsample_residual":   # layer scale in stages 3-4; drop-path keep when training
         low = B * nq * C
-        fwd = (2 * hw_ + low) * esize + 4 * C + 4 * B
-        bwd = (hw_ + 2 * low) * esize + 4 * C
+        scale = 4 * C if S_LAYER_SCALE[s - 1] is not None else 0
+        fwd = (2 * hw_ + low) * esize + scale + (4 * B if mode != "fwd" else 0)
+        bwd = (hw_ + 2 * low) * esize + scale
     else:  # dwconv
         fwd = 2 * hw_ * esize + 10 * C * esize
         bwd = 3 * hw_ * esize + 10 * C * esize
@@ -543,6 +547,28 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=255)
 
 
+_MODEL_CACHE: Dict = {}
+
+
+def _cached_model(cfg: Config, variant: str, impl: str, train: bool):
+    """Eager/fused models are reused by consecutive cases (one kept at a time); compiled ones not."""
+    key = (variant, impl)
+    if impl != "compile" and key in _MODEL_CACHE:
+        model = _MODEL_CACHE[key].train(train)
+        return model, model, ""
+    _MODEL_CACHE.clear()
+    free_memory()
+    model, fwd, why = _make_model(cfg, variant, impl, train)
+    if model is not None and impl != "compile":
+        _MODEL_CACHE[key] = model
+    return model, fwd, why
+
+
+def release_models():
+    _MODEL_CACHE.clear()
+    free_memory()
+
+
 def _make_model(cfg: Config, variant: str, impl: str, train: bool):
     import lrformer
     name = f"lrformer_{variant}"
@@ -565,76 +591,87 @@ def model_cases(cfg: Config) -> List[Case]:
     cases: List[Case] = []
     compile_cases: List[Case] = []
     tasks = [("inference", hw, dt) for hw in cfg.model_sizes for dt in cfg.dtypes]
+
+    def compile_here(variant, task, hw, dtype):
+        if variant != cfg.compile_model_variant:
+            return False
+        if task == "inference":   # compile at one representative size: 1024x1024 if swept
+            big = max(cfg.model_sizes, key=lambda x: x[0] * x[1])
+            rep = (1024, 1024) if (1024, 1024) in cfg.model_sizes else big
+            return hw == rep and dtype == ("bf16" if "bf16" in cfg.dtypes else cfg.dtypes[0])
+        return hw == min(cfg.train_sizes, key=lambda x: x[0] * x[1])
+
+    order = []   # (variant, impl, preset, task, hw, dtype): one model per (variant, impl) run
     for variant in cfg.model_variants:
         vt = tasks + ([("training", hw, cfg.train_dtype) for hw in cfg.train_sizes]
                       if variant in cfg.train_variants else [])
-        for task, hw, dtype in vt:
-            B = cfg.infer_batch if task == "inference" else cfg.train_batch
-            big_inf = max(cfg.model_sizes, key=lambda x: x[0] * x[1]) if cfg.model_sizes else None
-            if task == "inference":   # compile at one representative size: 1024x1024 if swept
-                rep = (1024, 1024) if (1024, 1024) in cfg.model_sizes else big_inf
-                compile_here = (variant == cfg.compile_model_variant and hw == rep
-                                and dtype == ("bf16" if "bf16" in cfg.dtypes else cfg.dtypes[0]))
-            else:
-                compile_here = variant == cfg.compile_model_variant and hw == min(cfg.train_sizes)
-            for impl, preset in _impls(cfg, compile_here):
-                key = dict(section="model", name=f"lrformer_{variant}", variant=variant, task=task,
-                           image=size_str(hw), shape=f"{B}x3x{hw[0]}x{hw[1]}", batch=B, dtype=dtype,
-                           mode="fwd" if task == "inference" else "train step", impl=impl)
-                if task == "training" and dtype != "fp32":
-                    key["note"] = f"{dtype} autocast, AdamW"
-                elif task == "training":
-                    key["note"] = "fp32, AdamW"
-                elif dtype != "fp32":
-                    key["note"] = f"{dtype} autocast"
-                if preset:
-                    (compile_cases if impl == "compile" else cases).append(Case("model", key, status=preset))
-                    continue
+        impls = list(dict.fromkeys(i for t, hw, dt in vt for i, _ in _impls(cfg, compile_here(variant, t, hw, dt))))
+        for impl_name in impls:
+            for task, hw, dtype in vt:
+                for impl, preset in _impls(cfg, compile_here(variant, task, hw, dtype)):
+                    if impl == impl_name:
+                        order.append((variant, impl, preset, task, hw, dtype))
+    for variant, impl, preset, task, hw, dtype in order:
+        B = cfg.infer_batch if task == "inference" else cfg.train_batch
+        key = dict(section="model", name=f"lrformer_{variant}", variant=variant, task=task,
+                   image=size_str(hw), shape=f"{B}x3x{hw[0]}x{hw[1]}", batch=B, dtype=dtype,
+                   mode="fwd" if task == "inference" else "train step", impl=impl)
+        if task == "training" and dtype != "fp32":
+            key["note"] = f"{dtype} autocast, AdamW"
+        elif task == "training":
+            key["note"] = "fp32, AdamW"
+        elif dtype != "fp32":
+            key["note"] = f"{dtype} autocast"
+        if preset:
+            (compile_cases if impl == "compile" else cases).append(Case("model", key, status=preset))
+            continue
 
-                def fn(variant=variant, task=task, hw=hw, dtype=dtype, impl=impl, B=B):
-                    model = fwd = opt = None
-                    try:
-                        model, fwd, why = _make_model(cfg, variant, impl, task == "training")
-                        if model is None:
-                            return dict(status=why)
-                        ac = None if dtype == "fp32" else dtype
+        def fn(variant=variant, task=task, hw=hw, dtype=dtype, impl=impl, B=B):
+            model = fwd = opt = None
+            try:
+                model, fwd, why = _cached_model(cfg, variant, impl, task == "training")
+                if model is None:
+                    return dict(status=why)
+                ac = None if dtype == "fp32" else dtype
+                model_timing = dataclasses.replace(cfg.timing, min_reps=min(3, cfg.timing.min_reps))
 
-                        def images(i):
-                            g = _gen(cfg, i)
-                            x = torch.randn(B, 3, hw[0], hw[1], device=cfg.device, generator=g)
-                            if task == "inference":
-                                return (x,)
-                            y = torch.randint(0, 150, (B, hw[0], hw[1]), device=cfg.device, generator=g)
-                            return (x, y)
-                        if task == "inference":
-                            def run(inp):
-                                with torch.no_grad(), (_autocast(cfg, ac) if ac else _autocast(cfg, "fp32")):
-                                    return fwd(inp[0])
-                            m = measure(images, run, cfg.device, cfg.timing, n_sets=cfg.timing.min_sets)
-                        else:
-                            fused_ok = cfg.cuda
-                            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True if fused_ok else None)
+                def images(i):
+                    g = _gen(cfg, i)
+                    x = torch.randn(B, 3, hw[0], hw[1], device=cfg.device, generator=g)
+                    if task == "inference":
+                        return (x,)
+                    y = torch.randint(0, 150, (B, hw[0], hw[1]), device=cfg.device, generator=g)
+                    return (x, y)
+                if task == "inference":
+                    def run(inp):
+                        with torch.no_grad(), (_autocast(cfg, ac) if ac else _autocast(cfg, "fp32")):
+                            return fwd(inp[0])
+                    m = measure(images, run, cfg.device, model_timing, n_sets=cfg.timing.min_sets)
+                else:
+                    fused_ok = cfg.cuda
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True if fused_ok else None)
 
-                            def run(inp):
-                                with (_autocast(cfg, ac) if ac else _autocast(cfg, "fp32")):
-                                    loss = seg_loss(fwd(inp[0]), inp[1])
-                                loss.backward()
-                                opt.step()
-                                opt.zero_grad(set_to_none=True)
-                            m = measure(images, run, cfg.device, cfg.timing, n_sets=cfg.timing.min_sets)
-                        return _m_fields(m)
-                    finally:
-                        del model, fwd, opt
-                        free_memory()
-                c = Case("model", key, fn, compile=impl == "compile",
-                         min_budget_s=(150 if task == "training" else 90) if impl == "compile" else 0)
-                (compile_cases if impl == "compile" else cases).append(c)
+                    def run(inp):
+                        with (_autocast(cfg, ac) if ac else _autocast(cfg, "fp32")):
+                            loss = seg_loss(fwd(inp[0]), inp[1])
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    m = measure(images, run, cfg.device, model_timing, n_sets=cfg.timing.min_sets)
+                return _m_fields(m)
+            finally:
+                del model, fwd, opt
+                if impl == "compile":
+                    release_models()
+        c = Case("model", key, fn, compile=impl == "compile",
+                 min_budget_s=(150 if task == "training" else 90) if impl == "compile" else 0)
+        (compile_cases if impl == "compile" else cases).append(c)
     return cases + compile_cases
 
 
 SECTIONS = ("flops", "attention", "ops", "lrsa", "block", "model")
 #: share of the time budget per section (unused time rolls over to the later sections).
-SHARES = {"flops": 0.08, "attention": 0.12, "ops": 0.22, "lrsa": 0.1, "block": 0.1, "model": 0.38}
+SHARES = {"flops": 0.07, "attention": 0.1, "ops": 0.25, "lrsa": 0.08, "block": 0.1, "model": 0.4}
 
 
 def build_cases(cfg: Config, section: str) -> List[Case]:

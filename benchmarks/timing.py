@@ -138,7 +138,7 @@ def _measure_cuda(sets, run, prep, device, settings: TimingSettings, memory: boo
     # estimate one call
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     est = []
-    for i in range(min(3, n)):
+    for i in range(min(3 if first_call_s < 0.5 else 1, n)):   # big calls: one estimate is enough
         prep(sets[i % n])
         start.record()
         run(sets[i % n])
