@@ -9,25 +9,27 @@ sum(gh * gw)``: the cells of ``grids[0]`` (row-major), then those of ``grids[1]`
 
 Design
 ------
-Forward: ONE launch for all grids.  A program owns one (batch b, channel block, output cell of
-any grid): it finds its grid from the cell index (grid sizes are scalar kernel arguments, at
-most 8 grids, no device-side table and no host->device copy), walks the cell's window
-``rows x cols`` in flattened pixel tiles ``[BLOCK_P, BLOCK_C]`` with fp32 accumulation (fp64 for
-fp64 input), and writes the mean once.  ``x`` is read through its own strides, so an NCHW tensor
-passed as ``x.permute(0, 2, 3, 1)`` (or any slice / expand) works without a copy.  Deterministic,
-no atomics, no intermediate.
+Forward: ONE launch for all grids.  A program owns (batch b, channel block, block of
+BLOCK_CELLS consecutive cells of one grid); it finds its grid from the block index (grid sizes
+and offsets are scalar kernel arguments, at most 8 grids: no device-side table, no host->device
+copy), and walks the cells' windows (flattened row-major, BLOCK_Q pixels of every cell per step,
+tile ``[BLOCK_CELLS, BLOCK_Q, BLOCK_C]``, ~2K elements) with fp32 accumulation (fp64 for fp64
+input), then writes each mean once.  ``x`` is read through its own strides, so an NCHW tensor
+passed as ``x.permute(0, 2, 3, 1)`` (or any slice / expand) works without a copy; with a unit
+channel stride the loads are 16-byte vectors along C.  Deterministic, no atomics, no
+intermediate buffer.
 
-Bytes (s = element size, K grids, M = B*H*W*C): the program id puts the cell index fastest, so all
-cells of one (b, channel block) slab (H*W*BLOCK_C elements, e.g. 56*56*64*2 B = 400 KB) run
-back to back and the slab stays in L2: DRAM reads ~= M*s (the map once), L2->SM reads ~=
-sum_k (cover factor of grid k) * M*s ~= K*M*s (windows of a grid overlap by at most one row/column
-when g <= L; a grid larger than the map re-reads each pixel ~(g/L)^2 times, but then the map is
+Bytes (s = element size, K grids, M = B*H*W*C): the program id puts the cell block fastest, so all
+cells of one (b, channel block) slab (H*W*BLOCK_C elements, e.g. 56*56*64*2 B = 400 KB) are pooled
+back to back while the slab sits in L2: DRAM reads ~= M*s (the map once), L2->SM reads ~=
+sum_k (cover factor of grid k) * M*s ~= K*M*s (a grid's windows overlap by at most one row/column
+when g <= L; a grid larger than the map re-reads pixels ~(g/L)^2 times, but then the map is
 tiny), writes B*N_total*C*s.  For the LRSA grids at 56x56 (N_total = 493 cells vs 3136 pixels)
-that is ~1.16 M*s of DRAM traffic in total.  A strict "read once" variant (a program per (b,
-channel block, band of rows) keeping every grid's partial sums in registers) would need
-N_total*BLOCK_C fp32 accumulators per program, or an fp32 row-sum intermediate of
-H*sum(gw)*C*4 bytes (~1.6x the bf16 map at 56x56), so it does not save DRAM bytes over the L2 reuse
-above and costs occupancy; it was not chosen.
+that is ~1.16 M*s of DRAM traffic in all.  A strict "read once from SM" variant (a program per
+(b, channel block, band of rows) keeping every grid's partial sums on chip) needs N_total*BLOCK_C
+fp32 accumulators per program, or an fp32 row-sum intermediate of H*sum(gw)*C*4 bytes (~1.6x the
+bf16 map at 56x56): no DRAM saving over the L2 reuse above, less parallelism; not chosen.
+Programs of the last (coarsest, longest-window) grids are launched first to shorten the tail.
 
 Backward (dL/dx, contiguous (B, H, W, C) in x's dtype): a program owns (b, block of BLOCK_P
 pixels, channel block) and GATHERS, for every grid, the cells whose window contains each pixel:
@@ -88,13 +90,16 @@ if HAS_TRITON:
         sxb, sxh, sxw, sxc,
         G0H, G0W, G1H, G1W, G1C, G1B, G2H, G2W, G2C, G2B, G3H, G3W, G3C, G3B,
         G4H, G4W, G4C, G4B, G5H, G5W, G5C, G5B, G6H, G6W, G6C, G6B, G7H, G7W, G7C, G7B,
-        NUM_GRIDS: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_C: tl.constexpr,
+        NUM_GRIDS: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_Q: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         ACC: tl.constexpr, INT64: tl.constexpr,
     ):
         # GkH, GkW: size of grid k; GkC: its first cell in the output; GkB: its first cell block
         # (a block of BLOCK_CELLS consecutive cells never straddles two grids).
         pid = tl.program_id(0)
-        blk = pid % N_BLK             # cell blocks fastest: one (b, channel block) slab stays in L2
+        # cell blocks fastest, so one (b, channel block) slab stays in L2 while all its cells are
+        # pooled; last grid first (the pyramid's coarse grids have the longest programs).
+        blk = N_BLK - 1 - pid % N_BLK
         rest = pid // N_BLK
         cb = rest % N_CB
         b = rest // N_CB
@@ -126,8 +131,9 @@ if HAS_TRITON:
         n_r = tl.where(mask_cell, ((i + 1) * H + gh - 1) // gh - h0, 0)
         w0 = (j * W) // gw
         n_c = tl.where(mask_cell, ((j + 1) * W + gw - 1) // gw - w0, 0)
-        max_r = tl.max(n_r, axis=0)
-        max_c = tl.max(n_c, axis=0)
+        area = n_r * n_c                                  # 0 for masked-off cells
+        ww = tl.where(mask_cell, n_c, 1)
+        max_area = tl.max(area, axis=0)
 
         offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -138,20 +144,24 @@ if HAS_TRITON:
             c_off = offs_c.to(tl.int64) * sxc
         else:
             c_off = offs_c * sxc
-        row_ptr = x_ptr + b * sxb + (h0 * sxh + w0 * sxw)[:, None] + c_off[None, :]
+        base = x_ptr + b * sxb + c_off[None, None, :]
+        cell_off = (h0 * sxh + w0 * sxw)[:, None]                  # [BLOCK_CELLS, 1]
+        mask_c3 = mask_c[None, None, :]
 
-        acc = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=ACC)
-        for dr in range(0, max_r):
-            row_ok = dr < n_r
-            ptr = row_ptr
-            for dc in range(0, max_c):
-                m = (row_ok & (dc < n_c))[:, None] & mask_c[None, :]
-                v = tl.load(ptr, mask=m, other=0.0)
-                acc += v.to(ACC)
-                ptr += sxw
-            row_ptr += sxh
-        area = tl.where(mask_cell, n_r * n_c, 1)
-        mean = acc / area.to(ACC)[:, None]
+        # BLOCK_Q pixels of every cell's window per step (window flattened row-major).
+        acc = tl.zeros([BLOCK_CELLS, BLOCK_Q, BLOCK_C], dtype=ACC)
+        for p0 in range(0, max_area, BLOCK_Q):
+            p = p0 + tl.arange(0, BLOCK_Q)[None, :]                 # [1, BLOCK_Q]
+            r = p // ww[:, None]                                    # [BLOCK_CELLS, BLOCK_Q]
+            q = p - r * ww[:, None]
+            if INT64:
+                r = r.to(tl.int64)
+            off = cell_off + r * sxh + q * sxw
+            m = (p < area[:, None])[:, :, None] & mask_c3
+            v = tl.load(base + off[:, :, None], mask=m, other=0.0)
+            acc += v.to(ACC)
+        total = tl.sum(acc, axis=1)                                 # [BLOCK_CELLS, BLOCK_C]
+        mean = total / tl.where(mask_cell, area, 1).to(ACC)[:, None]
         out_off = (b * N_TOTAL + c0 + loc)[:, None] * C + offs_c[None, :]
         m = mask_cell[:, None] & mask_c[None, :]
         tl.store(out_ptr + out_off, mean.to(out_ptr.dtype.element_ty), mask=m)
@@ -274,21 +284,26 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _fwd_config(C: int, pairs):
-    """(BLOCK_CELLS, BLOCK_C): ~1K-element tiles on a GPU; bigger cell blocks under the
-    interpreter, whose cost is per program and per op, not per element."""
+def _fwd_config(C: int, H: int, W: int, pairs):
+    """(BLOCK_CELLS, BLOCK_Q, BLOCK_C): tiles of cells x window pixels x channels, ~2K elements
+    on a GPU (a 4-pixel step keeps ~4 KB of bf16 loads in flight per program and cuts the loop
+    of a coarse grid's long windows 4x); much bigger under the interpreter, whose cost is per
+    program and per op, not per element."""
     block_c = min(_next_pow2(C), 64)
-    if interpreting() and _BIG_INTERPRETER_BLOCKS:
-        return 128, block_c
     max_cells = max(gh * gw for gh, gw in pairs)
-    return max(1, min(1024 // block_c, 32, _next_pow2(max_cells))), block_c
+    max_area = max(min(H, -(-H // gh) + 1) * min(W, -(-W // gw) + 1) for gh, gw in pairs)
+    if interpreting() and _BIG_INTERPRETER_BLOCKS:
+        return min(128, _next_pow2(max_cells)), min(16, _next_pow2(max_area)), block_c
+    block_q = min(4, _next_pow2(max_area))
+    block_cells = max(1, min(2048 // (block_c * block_q), 16, _next_pow2(max_cells)))
+    return block_cells, block_q, block_c
 
 
 def _forward_kernel(x: Tensor, pairs) -> Tensor:
     B, H, W, C = x.shape
     n_total = sum(gh * gw for gh, gw in pairs)
     out = new_empty((B, n_total, C), x.dtype, x.device)
-    block_cells, block_c = _fwd_config(C, pairs)
+    block_cells, block_q, block_c = _fwd_config(C, H, W, pairs)
     args, cell0, blk0 = [], 0, 0
     for k, (gh, gw) in enumerate(pairs):
         args += [gh, gw] if k == 0 else [gh, gw, cell0, blk0]
@@ -299,7 +314,7 @@ def _forward_kernel(x: Tensor, pairs) -> Tensor:
     grid = (B * n_cb * blk0,)
     _pyramid_pool_fwd[grid](
         x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
-        NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_C=block_c,
+        NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_Q=block_q, BLOCK_C=block_c,
         ACC=_acc_dtype(x.dtype), INT64=needs_int64(x, out), num_warps=4,
     )
     return out
