@@ -235,7 +235,8 @@ def _run(argv=None) -> str:
                         errors.append(f"{_case_label(case)}: {row['status']}")
                         if os.environ.get("LRFORMER_BENCH_DEBUG"):
                             traceback.print_exc()
-                    free_memory()
+                if row.get("status") not in (None, "ok"):
+                    free_memory()                 # after an OOM/error, outside the except block
             row.update(common)
             rows.setdefault(case.section, []).append(row)
             if bar is not None:

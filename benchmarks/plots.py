@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 IMPL_STYLE = {"eager": "-", "compile": ":", "fused": "--"}
 IMPL_COLOR = {"eager": "tab:gray", "compile": "tab:orange", "fused": "tab:blue"}
+VARIANT_COLOR = {"t": "tab:red", "s": "tab:orange", "b": "tab:blue", "l": "tab:green", "xl": "tab:purple"}
 KIND_COLOR = {"lrsa": "tab:blue", "sra": "tab:green", "global": "tab:red", "window": "tab:purple"}
 
 
@@ -207,8 +208,7 @@ def plot_model(folder, out):
             by = defaultdict(list)
             for r in prs:
                 by[(r["variant"], r["impl"])].append(r)
-            colors = dict(zip(sorted({r["variant"] for r in prs}), ("tab:blue", "tab:green", "tab:orange",
-                                                                     "tab:red", "tab:purple")))
+            colors = VARIANT_COLOR
             for (variant, impl), vrs in by.items():
                 vrs.sort(key=lambda r: _mpix(r["image"]))
                 ax.plot([_mpix(r["image"]) for r in vrs], [r[value] for r in vrs], "o" + IMPL_STYLE[impl],

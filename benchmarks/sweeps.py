@@ -116,15 +116,15 @@ def default_config(device: torch.device, quick: bool = False) -> Config:
     full_sizes = sq(512, 768, 1024, 1536, 2048) + ((1024, 2048),)
     if cuda:
         return Config(device=device, dtypes=("fp32", "bf16"), batch=8, train_batch=8,
-                      timing=TimingSettings(warmup_ms=20, target_ms=100, min_reps=5, max_reps=100),
+                      timing=TimingSettings(warmup_ms=10, target_ms=60, min_reps=5, max_reps=100),
                       flops_sizes=full_sizes, attn_sizes=full_sizes, attn_latency_sizes=sq(512, 1024, 2048),
                       op_images=sq(512, 1024), model_sizes=sq(512, 1024) + ((1024, 2048),) + sq(2048),
                       train_sizes=sq(512, 1024))
     # CPU: the reference only, small settings (a few minutes on a laptop-class CPU)
     return Config(device=device, dtypes=("fp32",), batch=2, train_batch=2,
-                  flops_sizes=full_sizes, attn_sizes=full_sizes, op_images=sq(512),
-                  model_variants=("t", "s"), model_sizes=sq(256, 512), train_sizes=sq(256),
-                  train_variants=("t",), compile=False,
+                  flops_sizes=full_sizes, attn_sizes=full_sizes, op_images=sq(512, 1024),
+                  model_variants=VARIANTS, model_sizes=sq(256, 512, 1024), train_sizes=sq(256, 512),
+                  train_variants=("t", "s"), compile=False,
                   timing=TimingSettings(cpu_target_s=1.0, cpu_max_reps=3, max_sets=3))
 
 
@@ -393,8 +393,8 @@ def _op_functions(op: str, s: int, h: int, w: int):
 
         def inputs(cfg, B, dt, grad, i):
             g = _gen(cfg, i)
-            return (_randn((B, h, w, Cp), cfg, dt, grad, g), _randn((Cp, 1, 3, 3), cfg, dt, grad, g) / 3,
-                    _randn((Cp,), cfg, dt, grad, g))
+            wt = (_randn((Cp, 1, 3, 3), cfg, dt, False, g) / 3).requires_grad_(grad)
+            return (_randn((B, h, w, Cp), cfg, dt, grad, g), wt, _randn((Cp,), cfg, dt, grad, g))
     else:
         raise ValueError(op)
     return eager, fused, inputs
@@ -454,7 +454,7 @@ def op_cases(cfg: Config) -> List[Case]:
     cases: List[Case] = []
     compile_cases: List[Case] = []
     big = max(cfg.op_images, key=lambda hw: hw[0] * hw[1]) if cfg.op_images else None
-    for img in cfg.op_images:
+    for img in sorted(cfg.op_images, key=lambda hw: -hw[0] * hw[1]):   # largest first (budget)
         for s in cfg.stages:
             h, w = AB.stage_map_size(img[0], img[1], s)
             for op in OPS:
@@ -504,7 +504,7 @@ def module_cases(cfg: Config, level: str) -> List[Case]:
     cases: List[Case] = []
     compile_cases: List[Case] = []
     big = max(cfg.op_images, key=lambda hw: hw[0] * hw[1]) if cfg.op_images else None
-    for img in cfg.op_images:
+    for img in sorted(cfg.op_images, key=lambda hw: -hw[0] * hw[1]):   # largest first (budget)
         for s in cfg.stages:
             h, w = AB.stage_map_size(img[0], img[1], s)
             C = AB.S_DIMS[s - 1]

@@ -106,6 +106,7 @@ def measure(make_inputs: Callable[[int], object], run: Callable[[object], object
     Returns a :class:`Measurement`; an out-of-memory error gives ``status='OOM'``.
     """
     sets: List[object] = []
+    oom = False
     try:
         first = make_inputs(0)
         sets.append(first)
@@ -118,13 +119,15 @@ def measure(make_inputs: Callable[[int], object], run: Callable[[object], object
             return _measure_cuda(sets, run, prep, device, settings, memory)
         return _measure_cpu(sets, run, prep, settings)
     except Exception as exc:  # noqa: BLE001 - one failing case must not end the sweep
-        if is_oom(exc):
-            sets.clear()
-            free_memory()
-            return Measurement(status="OOM")
-        raise
+        if not is_oom(exc):
+            raise
+        oom = True
     finally:
         sets.clear()
+    # out of the except block: the traceback (and the activations its frames hold) is gone
+    if oom:
+        free_memory()
+    return Measurement(status="OOM")
 
 
 def _measure_cuda(sets, run, prep, device, settings: TimingSettings, memory: bool) -> Measurement:
