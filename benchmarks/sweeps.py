@@ -418,15 +418,23 @@ def _m_fields(m: Measurement) -> Dict:
                 input_sets=m.input_sets, peak_mem_mb=m.peak_mem_mb, first_call_s=m.first_call_s)
 
 
-def _time_callable(cfg: Config, fn, make_inputs, mode: str, modules=(), autocast_dtype: Optional[str] = None):
-    """Measure ``fn(*inputs)`` (fwd, no grad) or ``fn(*inputs).backward(gout)`` (fwd+bwd)."""
+def _time_callable(cfg: Config, fn, make_inputs, mode: str, modules=(), autocast_dtype: Optional[str] = None,
+                   probe_fn=None):
+    """Measure ``fn(*inputs)`` (fwd, no grad) or ``fn(*inputs).backward(gout)`` (fwd+bwd).
+
+    ``probe_fn`` (default ``fn``) gives the output's shape for the random output gradient: pass the
+    eager reference for a compiled ``fn`` (a no-grad call would compile a second graph).
+    ``modules``: whose parameter gradients are dropped before each call.
+    """
     grad = mode != "fwd"
+    probe_fn = probe_fn or fn
 
     def make(i):
         inp = make_inputs(i)
         if grad:
             with torch.no_grad():
-                probe = fn(*inp) if autocast_dtype is None else _run_autocast(cfg, autocast_dtype, fn, inp)
+                probe = (probe_fn(*inp) if autocast_dtype is None
+                         else _run_autocast(cfg, autocast_dtype, probe_fn, inp))
             gout = torch.randn(probe.shape, device=cfg.device, generator=_gen(cfg, 1000 + i)).to(probe.dtype)
             del probe
             return (inp, gout)
@@ -479,7 +487,7 @@ def op_cases(cfg: Config) -> List[Case]:
                                 eager, fused, inputs = _op_functions(op, s, h, w)
                                 f = {"eager": eager, "fused": fused}.get(impl) or _compiled(eager)
                                 mk = lambda i: inputs(cfg, cfg.batch, DTYPES[dtype], mode != "fwd", i)  # noqa: E731
-                                return _m_fields(_time_callable(cfg, f, mk, mode))
+                                return _m_fields(_time_callable(cfg, f, mk, mode, probe_fn=eager))
                             c = Case("ops", key, fn, compile=impl == "compile", min_budget_s=20 if impl == "compile" else 0)
                             (compile_cases if impl == "compile" else cases).append(c)
     return cases + compile_cases
@@ -534,7 +542,9 @@ def module_cases(cfg: Config, level: str) -> List[Case]:
                             mk = lambda i: (_randn((cfg.batch, h, w, C), cfg, torch.float32, mode != "fwd",  # noqa: E731
                                                    _gen(cfg, i)),)
                             ac = None if dtype == "fp32" else dtype
-                            return _m_fields(_time_callable(cfg, mod, mk, mode, modules=(ref,), autocast_dtype=ac))
+                            own = mod if impl == "fused" else ref     # the compiled module shares ref's params
+                            return _m_fields(_time_callable(cfg, mod, mk, mode, modules=(own,),
+                                                            autocast_dtype=ac, probe_fn=ref))
                         c = Case(level, key, fn, compile=impl == "compile", min_budget_s=30 if impl == "compile" else 0)
                         (compile_cases if impl == "compile" else cases).append(c)
     return cases + compile_cases
