@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import Block, bhwc, nchw
 
@@ -54,6 +55,8 @@ class LRFormerEncoder(nn.Module):
         self.embed_dims, self.depths = tuple(embed_dims), tuple(depths)
         self.num_heads, self.mlp_ratios = tuple(num_heads), tuple(mlp_ratios)
         self.q_size = q_size
+        #: recompute each block in the backward pass (saves activation memory) when True.
+        self.grad_checkpointing = False
         n = sum(depths)  # stochastic depth rising linearly from 0 (plain floats: works on meta too)
         dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         cur = 0
@@ -80,7 +83,10 @@ class LRFormerEncoder(nn.Module):
         x = getattr(self, f"patch_embed{s}")(x)
         d_convs = getattr(self, f"d_convs{s}")
         for blk in getattr(self, f"block{s}"):
-            x = blk(x, d_convs)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, d_convs, use_reentrant=False)
+            else:
+                x = blk(x, d_convs)
         return x
 
     def forward(self, images: torch.Tensor):

@@ -52,6 +52,9 @@ class DropPath(nn.Module):
 class IRB(nn.Module):
     """Inverted residual FFN: fc1 (1x1) -> GELU -> h + dwconv3x3(h) -> fc2 (1x1). Keys fc1/conv/fc2."""
 
+    #: where the LRSA/IRB math comes from; the fused modules swap in the Triton ops.
+    ops = LF
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, 1)
@@ -60,7 +63,7 @@ class IRB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         h = F.linear(x, conv_weight_2d(self.fc1), self.fc1.bias)
-        h = LF.dwconv3x3(h, self.conv.weight, self.conv.bias, gelu=True, residual=True)
+        h = self.ops.dwconv3x3(h, self.conv.weight, self.conv.bias, gelu=True, residual=True)
         return F.linear(h, conv_weight_2d(self.fc2), self.fc2.bias)
 
 
@@ -73,6 +76,8 @@ class LRSA(nn.Module):
     ``forward_low`` returns the low-resolution branch (B, hq, wq, C) before upsampling;
     ``forward`` upsamples it to the input size.
     """
+
+    ops = LF
 
     def __init__(self, dim: int, num_heads: int, q_size: int = 16,
                  kv_sizes: Optional[Sequence[int]] = None, qkv_bias: bool = True, head: bool = False):
@@ -110,18 +115,18 @@ class LRSA(nn.Module):
         qmap, kv_maps = pooled[0], list(pooled[1:])
         B, hq, wq, C = qmap.shape
         if d_convs is not None:
-            kv_maps = [LF.dwconv3x3(m, dc.weight, dc.bias, residual=True) for m, dc in zip(kv_maps, d_convs)]
+            kv_maps = [self.ops.dwconv3x3(m, dc.weight, dc.bias, residual=True) for m, dc in zip(kv_maps, d_convs)]
         qw, qb = self.q_linear()
         q = F.linear(qmap.reshape(B, hq * wq, C), qw, qb)
         kv_tokens = torch.cat([m.reshape(B, -1, C) for m in kv_maps], dim=1)
         kv = self.kv_linear()(self.norm(kv_tokens))
         k, v = kv[..., :C], kv[..., C:]
-        o = LF.lowres_attention(q, k, v, self.num_heads, self.scale)
+        o = self.ops.lowres_attention(q, k, v, self.num_heads, self.scale)
         return self.proj(o).reshape(B, hq, wq, C)
 
     def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         H, W = x.shape[1], x.shape[2]
-        return self.attend(LF.pyramid_pool(x, self.grids(H, W)), d_convs)
+        return self.attend(self.ops.pyramid_pool(x, self.grids(H, W)), d_convs)
 
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         """x: normalised map (B, H, W, C) -> attention branch at full resolution (B, H, W, C)."""
@@ -137,6 +142,8 @@ class Block(nn.Module):
     x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x)));
     x = x + drop_path(ls2 * IRB(norm2(x))).  Tokens-last in and out.
     """
+
+    ops = LF
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
                  layer_scale: Optional[float] = None, q_size: int = 16,
@@ -166,9 +173,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         if self.pre_norm is not None:
             x = batch_norm_bhwc(self.pre_norm, x)
-        x = LF.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
+        x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
         low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
-        x = LF.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
+        x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
         h = self.mlp(self.norm(self.norm2, x))
         s = LF.branch_scale(self.layer_scale_2, self.drop_path.keep(x), x.shape[0], x.shape[-1], h)
         return x + (h if s is None else h * s)

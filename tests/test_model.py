@@ -56,8 +56,9 @@ def test_pyramid_sizes():
 
 
 # ---------------------------------------------------------------------------------------- shapes
-@pytest.mark.parametrize("name", ["lrformer_t", "lrformer_s", "lrformer_b", "lrformer_l"])
-@pytest.mark.parametrize("size", [(64, 64), (96, 224), (100, 75)])
+@pytest.mark.parametrize("name,size", [
+    (n, s) for n in ("lrformer_t", "lrformer_s") for s in ((64, 64), (96, 224), (100, 75))
+] + [(n, s) for n in ("lrformer_b", "lrformer_l") for s in ((64, 64), (100, 75))])
 def test_segmentor_shapes(name, size):
     m = lrformer.create_model(name, num_classes=11).eval()
     x = torch.randn(1, 3, *size)
