@@ -39,28 +39,35 @@ class FusedOps:
         return split_pyramid(pyramid_pool(x, grids), grids)
 
 
+def fused_lrsa_low(x: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
+                   norm: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, scale: float,
+                   d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
+    """LRSA up to the low-resolution branch (B, hq, wq, C) on the fused ops; grids[0] is the query grid."""
+    B, H, W, C = x.shape
+    pooled = pyramid_pool(x, grids)                         # (B, Nq + M, C), one launch
+    hq, wq = grids[0]
+    nq = hq * wq
+    q = F.linear(pooled[:, :nq], q_weight, q_bias)
+    if d_convs is None:                                     # decoder: the kv tokens are already concatenated
+        kv_tokens = pooled[:, nq:]
+    else:
+        maps = split_pyramid(pooled, grids)[1:]
+        kv_tokens = torch.cat([dwconv3x3(m, dc.weight, dc.bias, residual=True).reshape(B, -1, C)
+                               for m, dc in zip(maps, d_convs)], dim=1)
+    kvt = kv(norm(kv_tokens))
+    o = lowres_attention(q, kvt[..., :C], kvt[..., C:], num_heads, scale)
+    return proj(o).reshape(B, hq, wq, C)
+
+
 class FusedLRSA(LRSA):
     """LRSA on the fused ops: one pyramid-pooling launch feeds the queries and all key/value levels."""
 
     ops = FusedOps
 
     def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
-        B, H, W, C = x.shape
-        grids = self.grids(H, W)
-        pooled = pyramid_pool(x, grids)                     # (B, Nq + M, C), one launch
-        (hq, wq) = grids[0]
-        nq = hq * wq
         qw, qb = self.q_linear()
-        q = F.linear(pooled[:, :nq], qw, qb)
-        if d_convs is None:                                 # decoder: the kv tokens are already concatenated
-            kv_tokens = pooled[:, nq:]
-        else:
-            maps = split_pyramid(pooled, grids)[1:]
-            kv_tokens = torch.cat([dwconv3x3(m, dc.weight, dc.bias, residual=True).reshape(B, -1, C)
-                                   for m, dc in zip(maps, d_convs)], dim=1)
-        kv = self.kv_linear()(self.norm(kv_tokens))
-        o = lowres_attention(q, kv[..., :C], kv[..., C:], self.num_heads, self.scale)
-        return self.proj(o).reshape(B, hq, wq, C)
+        return fused_lrsa_low(x, self.grids(x.shape[1], x.shape[2]), qw, qb, self.norm, self.kv_linear(),
+                              self.proj, self.num_heads, self.scale, d_convs)
 
 
 class FusedIRB(IRB):
@@ -118,24 +125,12 @@ class FusedReleasedBlock(nn.Module):
 
     def _lrsa_low(self, x: torch.Tensor, d_convs) -> torch.Tensor:
         attn = self.attn
-        B, H, W, C = x.shape
-        grids = LF.lrsa_grids(H, W, self.q_size, self.kv_sizes)
-        pooled = pyramid_pool(x, grids)
-        (hq, wq) = grids[0]
-        nq = hq * wq
+        C = x.shape[-1]
         q_mod = attn.q[0] if isinstance(attn.q, nn.Sequential) else attn.q
-        qw = q_mod.weight.reshape(q_mod.weight.shape[0], -1)
-        q = F.linear(pooled[:, :nq], qw, q_mod.bias)
-        if d_convs is None:
-            kv_tokens = pooled[:, nq:]
-        else:
-            maps = split_pyramid(pooled, grids)[1:]
-            kv_tokens = torch.cat([dwconv3x3(m, dc.weight, dc.bias, residual=True).reshape(B, -1, C)
-                                   for m, dc in zip(maps, d_convs)], dim=1)
-        kv = attn.kv(attn.norm(kv_tokens))
         scale = float(getattr(attn, "scale", (C // self.num_heads) ** -0.5))
-        o = lowres_attention(q, kv[..., :C], kv[..., C:], self.num_heads, scale)
-        return attn.proj(o).reshape(B, hq, wq, C)
+        grids = LF.lrsa_grids(x.shape[1], x.shape[2], self.q_size, self.kv_sizes)
+        return fused_lrsa_low(x, grids, q_mod.weight.flatten(1), q_mod.bias, attn.norm, attn.kv, attn.proj,
+                              self.num_heads, scale, d_convs)
 
     def _keep(self, x):
         return LF.drop_path_keep(x.shape[0], self.drop_prob, self.training, x.device, torch.float32)
