@@ -10,13 +10,13 @@ setup(
     packages=find_packages(include=["lrformer", "lrformer.*", "lrformer_kernels", "lrformer_kernels.*",
                                     "benchmarks", "benchmarks.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "einops"],
+    install_requires=["torch>=2.4", "numpy", "einops", "pillow>=9", "tqdm>=4.60", "scipy>=1.7"],
     extras_require={
         # Triton ships with CUDA builds of torch; on CPU-only machines it runs the kernels in its
         # interpreter (tests) — install it explicitly there.
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7", "triton>=3.0"],
-        "bench": ["matplotlib>=3.5", "tqdm>=4.60"],
+        "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": [
         "lrformer-bench=benchmarks.__main__:main",
