@@ -126,8 +126,60 @@ def drop_path_keep(batch: int, drop_prob: float, training: bool, device=None,
     return mask / keep_prob
 
 
+def hrca_window_grid(h: int, w: int, window: int) -> tuple[int, int]:
+    """Window grid of a high-resolution ``h x w`` map cut into ``window x window`` windows
+    (``ceil`` on each side: the last row/column of windows may be cut by the map's edge)."""
+    h, w, window = int(h), int(w), int(window)
+    if h <= 0 or w <= 0 or window <= 0:
+        raise ValueError(f"hrca_window_grid needs positive sizes, got h={h}, w={w}, window={window}")
+    return -(-h // window), -(-w // window)
+
+
+def hrca_window_pixels(win_idx: torch.Tensor, h: int, w: int, window: int):
+    """Flat pixel indices ``(..., K * window**2)`` of the windows ``win_idx`` (row-major in the window
+    grid) of an ``h x w`` map, and a mask of those inside the map (pixels past the edge are skipped)."""
+    _, gw = hrca_window_grid(h, w, window)
+    off = torch.arange(window, device=win_idx.device)
+    rows = (win_idx // gw)[..., None, None] * window + off[:, None]       # (..., K, ws, 1)
+    cols = (win_idx % gw)[..., None, None] * window + off[None, :]        # (..., K, ws, ws)
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    valid = (rows < h) & (cols < w)
+    flat = (rows.clamp(max=h - 1) * w + cols.clamp(max=w - 1))
+    return flat.flatten(-3), valid.flatten(-3)
+
+
+def hrca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
+                   window: int, num_heads: int, scale: Optional[float] = None) -> torch.Tensor:
+    """High-resolution cross-attention restricted to selected windows (FASeg's HRCA).
+
+    q (B, Nq, C) queries; k, v (B, H, W, C) high-resolution keys/values (tokens-last);
+    win_idx (B, Nq, K) integer indices of each query's windows in the window grid
+    ``hrca_window_grid(H, W, window)`` (row-major; shared by all heads). Each query attends, per head,
+    to the pixels of its K windows (pixels past the map's edge excluded) -> (B, Nq, C).
+    This reference gathers the keys/values (B, Nq, K * window**2, C); the fused op does not.
+    """
+    B, Nq, C = q.shape
+    _, H, W, _ = k.shape
+    d = C // num_heads
+    if scale is None:
+        scale = d ** -0.5
+    gh, gw = hrca_window_grid(H, W, window)
+    if win_idx.numel() and (int(win_idx.min()) < 0 or int(win_idx.max()) >= gh * gw):
+        raise ValueError(f"win_idx must lie in [0, {gh * gw}) for a {H}x{W} map with window {window}")
+    flat, valid = hrca_window_pixels(win_idx.long(), H, W, window)        # (B, Nq, L)
+    L = flat.shape[-1]
+    idx = flat.reshape(B, Nq * L, 1).expand(B, Nq * L, C)
+    kg = torch.gather(k.reshape(B, H * W, C), 1, idx).reshape(B, Nq, L, num_heads, d)
+    vg = torch.gather(v.reshape(B, H * W, C), 1, idx).reshape(B, Nq, L, num_heads, d)
+    qh = q.reshape(B, Nq, num_heads, d)
+    logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    attn = logits.softmax(dim=-1)
+    return torch.einsum("bhql,bqlhd->bqhd", attn, vg).reshape(B, Nq, C)
+
+
 __all__ = [
     "BASE_PYRAMID", "pool_grid", "pyramid_sizes", "lrsa_grids", "adaptive_avg_pool", "pyramid_pool",
     "lowres_attention", "bilinear_resize", "branch_scale", "upsample_residual", "dwconv3x3",
-    "drop_path_keep",
+    "drop_path_keep", "hrca_window_grid", "hrca_window_pixels", "hrca_attention",
 ]
