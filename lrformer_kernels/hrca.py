@@ -1,0 +1,586 @@
+"""Fused high-resolution cross-attention over selected windows (FASeg's HRCA), forward and backward.
+
+``hrca_attention(q, k, v, win_idx, window, num_heads, scale=None)``: q (B, Nq, C) queries,
+k/v (B, H, W, C) tokens-last high-resolution maps, win_idx (B, Nq, K) int32/int64 indices of each
+query's windows in the ``ceil(H/window) x ceil(W/window)`` window grid (row-major) -> (B, Nq, C);
+the same math as :func:`lrformer.functional.hrca_attention` (each query attends, per head, to the
+pixels of its K windows; pixels past the map's edge are excluded; a window listed twice counts
+twice, as in the reference).  The reference gathers the keys/values into a
+(B, Nq, K * window**2, C) tensor; the kernels never do: they read the window pixels straight from
+k/v through the window indices.
+
+Design
+------
+Each query has its own windows, so queries cannot share key tiles (no ``tl.dot`` over a query
+block); the kernels are element-wise products + reductions over (pixels, heads, head_dim) tiles,
+which keeps any head dim (masked up to the next power of two) and any window size.
+
+* forward: grid ``(Nq, B * cdiv(heads, BLOCK_HB))``; one program = one query and a block of
+  ``BLOCK_HB`` heads (whole channel rows per pixel, so loads are contiguous runs of
+  ``BLOCK_HB * head_dim`` channels).  It loops over the K windows (index loaded from ``win_idx``)
+  and, inside a window, over chunks of ``BLOCK_R`` window rows: a tile is
+  ``(BLOCK_R * BLOCK_W pixels, BLOCK_HB, BLOCK_D)`` with ``BLOCK_W = next_pow2(window)``; pixels
+  outside the window or the map are masked.  Online softmax per head, fp32 accumulation (fp64 for
+  fp64 inputs); writes out (input dtype) and the natural-log log-sum-exp ``lse`` (B, heads, Nq)
+  (fp32; fp64 for fp64 inputs).
+* backward by recomputation (no attention matrix is stored), one program per (query, head block)
+  as in the forward: ``delta = rowsum(dO * O) - dlse`` in-program, then over the same window
+  tiles ``p = exp(s - lse)``, ``ds = p * (dO.v - delta)``; ``dq`` is accumulated in registers and
+  written once.
+
+  - default (fast) mode: the same program adds ``ds * q * scale`` and ``p * dO`` to full-size
+    (B, H, W, C) fp32 buffers (fp64 for fp64 inputs) with ``tl.atomic_add`` (several queries may
+    select the same window), cast to the input dtype at the end (no cast for fp32/fp64).  Float
+    atomics make dk/dv bit-wise non-deterministic (summation order).
+  - deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no atomics.  The
+    (query, slot) pairs are sorted by window with a stable ``torch.sort`` (a CSR list per
+    (batch, window) built with ``searchsorted``); the dq kernel stores ``delta``, then a second
+    kernel with grid ``(B * n_windows, cdiv(heads, BLOCK_HB))`` owns one window: for each chunk
+    of its rows it loops over the queries that selected it in sorted (query, slot) order,
+    recomputes ``p``/``ds`` and accumulates dk/dv in registers, then writes them once in the
+    input dtype (windows tile the map, so every pixel is written exactly once; unselected windows
+    get zeros).  Same result every run; it costs a sort and a second pass over q/dO.
+
+* inputs may be arbitrary strided views (k/v halves of one kv tensor, NCHW tensors permuted to
+  NHWC, a slice of q): only strides are passed, nothing is copied; int64 offsets when a tensor
+  spans more than 2**31 elements.
+* ``win_idx`` is range-checked inside the op (one ``aminmax`` + host sync, as the reference
+  does) so a bad index raises ValueError instead of reading out of bounds; it runs inside the
+  opaque custom op, so ``torch.compile(fullgraph=True)`` does not break on it.
+
+Packaging: ``torch.library`` custom ops ``lrformer::hrca_attention`` (-> out, lse) and
+``lrformer::hrca_attention_backward`` with fake (meta) implementations and autograd.  When
+:func:`use_kernel` says no (CPU without the Triton interpreter) the ops run the PyTorch reference
+math (gathered, as :func:`lrformer.functional.hrca_attention`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from lrformer import functional as ref_F
+from lrformer_kernels._common import HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty, use_kernel
+from lrformer_kernels.lowres_attention import _acc_dtype, _cuda_guard, _split_f32
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+MAX_HEAD_DIM = 256
+MAX_WINDOW = 64
+_LOG2E = 1.4426950408889634
+
+__all__ = ["hrca_attention", "MAX_HEAD_DIM", "MAX_WINDOW"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _hrca_window_tile(w, r0, GW, H, W, WS: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_W: tl.constexpr, INT64: tl.constexpr):
+        """Map rows/cols and validity of the pixels of rows ``r0 .. r0+BLOCK_R`` of window ``w``."""
+        wy = w // GW
+        wx = w - wy * GW
+        offs_p = tl.arange(0, BLOCK_R * BLOCK_W)
+        pr = r0 + offs_p // BLOCK_W
+        pc = offs_p % BLOCK_W
+        y = wy * WS + pr
+        x = wx * WS + pc
+        mask = (pr < WS) & (pc < WS) & (y < H) & (x < W)
+        if INT64:
+            y = y.to(tl.int64)
+            x = x.to(tl.int64)
+        return y, x, mask
+
+    @triton.jit
+    def _hrca_fwd_kernel(
+        Q, K, V, WIN, O, LSE,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kh, s_kw, s_kc,
+        s_vb, s_vh, s_vw, s_vc,
+        s_wb, s_wn, s_wk,
+        s_ob, s_on, s_oc,
+        NQ, NK, H, W, GW, NH, NHB, qk_scale_hi, qk_scale_lo,
+        HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        pid1 = tl.program_id(1)
+        b = pid1 // NHB
+        hb = pid1 % NHB
+        if INT64:
+            b = b.to(tl.int64)
+            n = n.to(tl.int64)
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
+        dd = tl.arange(0, BLOCK_D)
+        mask_h = h < NH
+        cmask = mask_h[:, None] & (dd < HEAD_DIM)[None, :]
+        ch = h[:, None] * HEAD_DIM + dd[None, :]                       # (HB, D) channels
+
+        q = tl.load(Q + b * s_qb + n * s_qn + ch * s_qc, mask=cmask, other=0.0).to(ACC)
+        k_base = K + b * s_kb + (ch * s_kc)[None, :, :]
+        v_base = V + b * s_vb + (ch * s_vc)[None, :, :]
+        w_base = WIN + b * s_wb + n * s_wn
+
+        m_i = tl.full([BLOCK_HB], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_HB], ACC)
+        acc = tl.zeros([BLOCK_HB, BLOCK_D], ACC)
+        for kk in range(0, NK):
+            w = tl.load(w_base + kk * s_wk)
+            if not INT64:
+                w = w.to(tl.int32)
+            for r0 in range(0, WS, BLOCK_R):
+                y, x, pmask = _hrca_window_tile(w, r0, GW, H, W, WS, BLOCK_R, BLOCK_W, INT64)
+                tmask = pmask[:, None, None] & cmask[None, :, :]
+                kt = tl.load(k_base + (y * s_kh + x * s_kw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+                s = tl.sum(kt * q[None, :, :], 2) * qk_scale             # (P, HB)
+                s = tl.where(pmask[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked chunk
+                if USE_EXP2:
+                    p = tl.exp2(s - m_new[None, :])
+                    alpha = tl.exp2(m_i - m_new)
+                else:
+                    p = tl.exp(s - m_new[None, :])
+                    alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 0)
+                vt = tl.load(v_base + (y * s_vh + x * s_vw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 0)
+                m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(O + b * s_ob + n * s_on + ch * s_oc, out.to(O.dtype.element_ty), mask=cmask)
+        if USE_EXP2:
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
+        else:
+            lse = m_i + tl.log(l_i)
+        tl.store(LSE + (b * NH + h) * NQ + n, lse.to(LSE.dtype.element_ty), mask=mask_h)
+
+    @triton.jit
+    def _hrca_bwd_kernel(
+        Q, K, V, WIN, O, DO, LSE, DLSE, DELTA, DQ, DK, DV,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kh, s_kw, s_kc,
+        s_vb, s_vh, s_vw, s_vc,
+        s_wb, s_wn, s_wk,
+        s_ob, s_on, s_oc,
+        s_db, s_dn, s_dc,
+        s_dqb, s_dqn, s_dqc,
+        s_dkb, s_dkh, s_dkw, s_dkc,
+        s_dvb, s_dvh, s_dvw, s_dvc,
+        NQ, NK, H, W, GW, NH, NHB, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        INT64: tl.constexpr, HAS_DLSE: tl.constexpr, ATOMIC: tl.constexpr,
+    ):
+        # One program: one query, a block of heads.  dq in registers; dk/dv atomically (ATOMIC)
+        # or left to _hrca_bwd_dkdv_kernel (deterministic mode; then delta is stored for it).
+        n = tl.program_id(0)
+        pid1 = tl.program_id(1)
+        b = pid1 // NHB
+        hb = pid1 % NHB
+        if INT64:
+            b = b.to(tl.int64)
+            n = n.to(tl.int64)
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+        h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
+        dd = tl.arange(0, BLOCK_D)
+        mask_h = h < NH
+        cmask = mask_h[:, None] & (dd < HEAD_DIM)[None, :]
+        ch = h[:, None] * HEAD_DIM + dd[None, :]
+
+        q = tl.load(Q + b * s_qb + n * s_qn + ch * s_qc, mask=cmask, other=0.0).to(ACC)
+        o = tl.load(O + b * s_ob + n * s_on + ch * s_oc, mask=cmask, other=0.0).to(ACC)
+        do = tl.load(DO + b * s_db + n * s_dn + ch * s_dc, mask=cmask, other=0.0).to(ACC)
+        row = (b * NH + h) * NQ + n
+        lse = tl.load(LSE + row, mask=mask_h, other=0.0).to(ACC)
+        delta = tl.sum(o * do, 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=mask_h, other=0.0).to(ACC)
+        if not ATOMIC:
+            tl.store(DELTA + row, delta, mask=mask_h)
+        if USE_EXP2:
+            lse = lse * 1.4426950408889634
+        k_base = K + b * s_kb + (ch * s_kc)[None, :, :]
+        v_base = V + b * s_vb + (ch * s_vc)[None, :, :]
+        dk_base = DK + b * s_dkb + (ch * s_dkc)[None, :, :]
+        dv_base = DV + b * s_dvb + (ch * s_dvc)[None, :, :]
+        w_base = WIN + b * s_wb + n * s_wn
+        qs = q * scale
+
+        dq = tl.zeros([BLOCK_HB, BLOCK_D], ACC)
+        for kk in range(0, NK):
+            w = tl.load(w_base + kk * s_wk)
+            if not INT64:
+                w = w.to(tl.int32)
+            for r0 in range(0, WS, BLOCK_R):
+                y, x, pmask = _hrca_window_tile(w, r0, GW, H, W, WS, BLOCK_R, BLOCK_W, INT64)
+                tmask = pmask[:, None, None] & cmask[None, :, :]
+                kt = tl.load(k_base + (y * s_kh + x * s_kw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+                vt = tl.load(v_base + (y * s_vh + x * s_vw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+                s = tl.sum(kt * q[None, :, :], 2) * qk_scale             # (P, HB)
+                if USE_EXP2:
+                    p = tl.exp2(s - lse[None, :])
+                else:
+                    p = tl.exp(s - lse[None, :])
+                p = tl.where(pmask[:, None], p, 0.0)
+                dp = tl.sum(vt * do[None, :, :], 2)
+                ds = p * (dp - delta[None, :])
+                dq += tl.sum(ds[:, :, None] * kt, 0)
+                if ATOMIC:
+                    tl.atomic_add(dk_base + (y * s_dkh + x * s_dkw)[:, None, None],
+                                  ds[:, :, None] * qs[None, :, :], mask=tmask, sem="relaxed")
+                    tl.atomic_add(dv_base + (y * s_dvh + x * s_dvw)[:, None, None],
+                                  p[:, :, None] * do[None, :, :], mask=tmask, sem="relaxed")
+
+        dq = dq * scale
+        tl.store(DQ + b * s_dqb + n * s_dqn + ch * s_dqc, dq.to(DQ.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _hrca_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, OFFS, ENTRY, DK, DV,
+        s_qb, s_qn, s_qc,
+        s_kb, s_kh, s_kw, s_kc,
+        s_vb, s_vh, s_vw, s_vc,
+        s_db, s_dn, s_dc,
+        s_dkb, s_dkh, s_dkw, s_dkc,
+        s_dvb, s_dvh, s_dvw, s_dvc,
+        NQ, H, W, GW, NWIN, NH, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+        INT64: tl.constexpr,
+    ):
+        # Deterministic dk/dv: one program owns one window (of one batch) and a block of heads and
+        # loops over the queries that selected it, in the sorted order of ENTRY[OFFS[i]:OFFS[i+1]].
+        pid0 = tl.program_id(0)
+        hb = tl.program_id(1)
+        b = pid0 // NWIN
+        w = pid0 % NWIN
+        if INT64:
+            b = b.to(tl.int64)
+        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+        h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
+        dd = tl.arange(0, BLOCK_D)
+        mask_h = h < NH
+        cmask = mask_h[:, None] & (dd < HEAD_DIM)[None, :]
+        ch = h[:, None] * HEAD_DIM + dd[None, :]
+        start = tl.load(OFFS + pid0)
+        end = tl.load(OFFS + pid0 + 1)
+        row_base = (b * NH + h) * NQ                                     # (HB,)
+        k_base = K + b * s_kb + (ch * s_kc)[None, :, :]
+        v_base = V + b * s_vb + (ch * s_vc)[None, :, :]
+        q_base = Q + b * s_qb + ch * s_qc
+        do_base = DO + b * s_db + ch * s_dc
+
+        for r0 in range(0, WS, BLOCK_R):
+            y, x, pmask = _hrca_window_tile(w, r0, GW, H, W, WS, BLOCK_R, BLOCK_W, INT64)
+            tmask = pmask[:, None, None] & cmask[None, :, :]
+            kt = tl.load(k_base + (y * s_kh + x * s_kw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+            vt = tl.load(v_base + (y * s_vh + x * s_vw)[:, None, None], mask=tmask, other=0.0).to(ACC)
+            dk = tl.zeros([BLOCK_R * BLOCK_W, BLOCK_HB, BLOCK_D], ACC)
+            dv = tl.zeros([BLOCK_R * BLOCK_W, BLOCK_HB, BLOCK_D], ACC)
+            for i in range(start, end):
+                n = tl.load(ENTRY + i)
+                if INT64:
+                    n = n.to(tl.int64)
+                q = tl.load(q_base + n * s_qn, mask=cmask, other=0.0).to(ACC)
+                do = tl.load(do_base + n * s_dn, mask=cmask, other=0.0).to(ACC)
+                lse = tl.load(LSE + row_base + n, mask=mask_h, other=0.0).to(ACC)
+                delta = tl.load(DELTA + row_base + n, mask=mask_h, other=0.0).to(ACC)
+                s = tl.sum(kt * q[None, :, :], 2) * qk_scale
+                if USE_EXP2:
+                    p = tl.exp2(s - lse[None, :] * 1.4426950408889634)
+                else:
+                    p = tl.exp(s - lse[None, :])
+                p = tl.where(pmask[:, None], p, 0.0)
+                dp = tl.sum(vt * do[None, :, :], 2)
+                ds = p * (dp - delta[None, :])
+                dk += ds[:, :, None] * q[None, :, :]
+                dv += p[:, :, None] * do[None, :, :]
+            dk = dk * scale
+            tl.store(DK + b * s_dkb + (y * s_dkh + x * s_dkw)[:, None, None] + (ch * s_dkc)[None, :, :],
+                     dk.to(DK.dtype.element_ty), mask=tmask)
+            tl.store(DV + b * s_dvb + (y * s_dvh + x * s_dvw)[:, None, None] + (ch * s_dvc)[None, :, :],
+                     dv.to(DV.dtype.element_ty), mask=tmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+def _config(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, backward: bool = False):
+    """(BLOCK_HB, BLOCK_D, BLOCK_R, BLOCK_W, num_warps).
+
+    Interpreter: all heads and whole windows per step (fewest interpreted ops).  GPU: about 64
+    channels per program (2 heads of 32) for parallelism at small batch, and tiles of at most
+    ~2048 elements (1024 in the backward, which holds more live tiles) per step.
+    """
+    block_d = triton.next_power_of_2(head_dim)
+    block_w = triton.next_power_of_2(window)
+    heads_p2 = triton.next_power_of_2(num_heads)
+    if interpreting():
+        return heads_p2, block_d, block_w, block_w, 1
+    block_hb = max(1, min(heads_p2, 64 // block_d))
+    budget = 1024 if (backward or dtype == torch.float64) else 2048
+    block_r = max(1, min(block_w, budget // (block_w * block_hb * block_d)))
+    warps = 4 if block_r * block_w * block_hb * block_d >= 1024 else 2
+    return block_hb, block_d, block_r, block_w, warps
+
+
+def _consts(dtype: torch.dtype, head_dim: int, window: int, int64: bool) -> dict:
+    fp64 = dtype == torch.float64
+    return dict(HEAD_DIM=head_dim, WS=window, ACC=tl.float64 if fp64 else tl.float32,
+                USE_EXP2=not fp64, INT64=int64)
+
+
+def _fwd_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+    B, NQ, C = q.shape
+    H, W = k.shape[1], k.shape[2]
+    NK = win_idx.shape[2]
+    D = C // num_heads
+    _, gw = ref_F.hrca_window_grid(H, W, window)
+    out = new_empty((B, NQ, C), q.dtype, q.device)
+    lse = new_empty((B, num_heads, NQ), _acc_dtype(q.dtype), q.device)
+    consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out))
+    bhb, bd, br, bw, warps = _config(q.dtype, num_heads, D, window)
+    nhb = triton.cdiv(num_heads, bhb)
+    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    with _cuda_guard(q):
+        _hrca_fwd_kernel[(NQ, B * nhb)](
+            q, k, v, win_idx, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
+            NQ, NK, H, W, gw, num_heads, nhb, *_split_f32(qk_scale),
+            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1, **consts,
+        )
+    return out, lse
+
+
+def _window_csr(win_idx: torch.Tensor, n_windows: int):
+    """(offsets (B*n_windows + 1,), query index per entry (B*Nq*K,)): the (query, slot) pairs of
+    each (batch, window), sorted by window and, within a window, by (query, slot) (stable sort)."""
+    B, NQ, NK = win_idx.shape
+    key = win_idx.long() + torch.arange(B, device=win_idx.device).view(B, 1, 1) * n_windows
+    key_sorted, order = torch.sort(key.reshape(-1), stable=True)
+    bounds = torch.arange(B * n_windows + 1, device=win_idx.device)
+    offs = torch.searchsorted(key_sorted, bounds)
+    entry = (order // NK) % NQ
+    idx_dtype = torch.int32 if B * NQ * NK < 2 ** 31 - 1 else torch.int64
+    return offs.to(idx_dtype).contiguous(), entry.to(idx_dtype).contiguous()
+
+
+def _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
+                scale: float, deterministic: bool):
+    B, NQ, C = q.shape
+    H, W = k.shape[1], k.shape[2]
+    NK = win_idx.shape[2]
+    D = C // num_heads
+    gh, gw = ref_F.hrca_window_grid(H, W, window)
+    acc_dtype = _acc_dtype(q.dtype)
+    dq = new_empty(q.shape, q.dtype, q.device)
+    if deterministic:
+        dk = new_empty(k.shape, k.dtype, k.device)
+        dv = new_empty(v.shape, v.dtype, v.device)
+        delta = torch.empty((B, num_heads, NQ), dtype=acc_dtype, device=q.device)
+    else:  # atomic accumulation buffers in the accumulation dtype
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        delta = lse  # unused
+    lse = lse.contiguous()
+    has_dlse = grad_lse is not None
+    if has_dlse:
+        grad_lse = grad_lse.contiguous()
+    consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out, grad_out, dq, dk, dv))
+    bhb, bd, br, bw, warps = _config(q.dtype, num_heads, D, window, backward=True)
+    nhb = triton.cdiv(num_heads, bhb)
+    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    with _cuda_guard(q):
+        _hrca_bwd_kernel[(NQ, B * nhb)](
+            q, k, v, win_idx, out, grad_out, lse, grad_lse if has_dlse else lse, delta, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
+            *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+            NQ, NK, H, W, gw, num_heads, nhb, *_split_f32(qk_scale), *_split_f32(scale),
+            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
+            HAS_DLSE=has_dlse, ATOMIC=not deterministic, **consts,
+        )
+        if deterministic:
+            offs, entry = _window_csr(win_idx, gh * gw)
+            _hrca_bwd_dkdv_kernel[(B * gh * gw, nhb)](
+                q, k, v, grad_out, lse, delta, offs, entry, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+                NQ, H, W, gw, gh * gw, num_heads, *_split_f32(qk_scale), *_split_f32(scale),
+                BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
+                **consts,
+            )
+    if dk.dtype != k.dtype:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch) paths: CPU without the interpreter
+# ---------------------------------------------------------------------------------------------
+def _reference_out_lse(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+    """The reference math (gathered keys/values) in the accumulation dtype, with the lse."""
+    acc = _acc_dtype(q.dtype)
+    B, NQ, C = q.shape
+    _, H, W, _ = k.shape
+    d = C // num_heads
+    flat, valid = ref_F.hrca_window_pixels(win_idx.long(), H, W, window)        # (B, Nq, L)
+    L = flat.shape[-1]
+    idx = flat.reshape(B, NQ * L, 1).expand(B, NQ * L, C)
+    kg = torch.gather(k.to(acc).reshape(B, H * W, C), 1, idx).reshape(B, NQ, L, num_heads, d)
+    vg = torch.gather(v.to(acc).reshape(B, H * W, C), 1, idx).reshape(B, NQ, L, num_heads, d)
+    logits = torch.einsum("bqhd,bqlhd->bhql", q.to(acc).reshape(B, NQ, num_heads, d), kg) * scale
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)                                       # (B, heads, Nq)
+    attn = torch.exp(logits - lse[..., None])
+    out = torch.einsum("bhql,bqlhd->bqhd", attn, vg).reshape(B, NQ, C)
+    return out, lse
+
+
+def _fwd_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+    out, lse = _reference_out_lse(q, k, v, win_idx, window, num_heads, scale)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
+                   scale: float):
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+        o, l_ = _reference_out_lse(qd, kd, vd, win_idx, window, num_heads, scale)
+        outs, grads = [o], [grad_out.to(o.dtype)]
+        if grad_lse is not None:
+            outs.append(l_)
+            grads.append(grad_lse.to(l_.dtype))
+        dq, dk, dv = torch.autograd.grad(outs, (qd, kd, vd), grads)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _check_win_range(win_idx: torch.Tensor, h: int, w: int, window: int) -> None:
+    gh, gw = ref_F.hrca_window_grid(h, w, window)
+    lo, hi = (int(t) for t in torch.aminmax(win_idx))
+    if lo < 0 or hi >= gh * gw:
+        raise ValueError(f"win_idx must lie in [0, {gh * gw}) for a {h}x{w} map with window {window} "
+                         f"(a {gh}x{gw} window grid), got values in [{lo}, {hi}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("lrformer::hrca_attention", mutates_args=())
+def _hrca_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
+                       window: int, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_win_range(win_idx, k.shape[1], k.shape[2], window)
+    if use_kernel(q):
+        return _fwd_triton(q, k, v, win_idx, window, num_heads, scale)
+    return _fwd_reference(q, k, v, win_idx, window, num_heads, scale)
+
+
+@_hrca_attention_op.register_fake
+def _(q, k, v, win_idx, window, num_heads, scale):
+    B, NQ, C = q.shape
+    return q.new_empty((B, NQ, C)), q.new_empty((B, num_heads, NQ), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("lrformer::hrca_attention_backward", mutates_args=())
+def _hrca_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor, win_idx: torch.Tensor, out: torch.Tensor,
+                                lse: torch.Tensor, grad_lse: Optional[torch.Tensor], window: int,
+                                num_heads: int, scale: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_kernel(q):
+        return _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale,
+                           deterministic=torch.are_deterministic_algorithms_enabled())
+    return _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale)
+
+
+@_hrca_attention_backward_op.register_fake
+def _(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, win_idx, window, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, win_idx, out, lse)
+    ctx.window, ctx.num_heads, ctx.scale = window, num_heads, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, win_idx, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _hrca_attention_backward_op(grad_out, q, k, v, win_idx, out, lse, grad_lse,
+                                             ctx.window, ctx.num_heads, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_hrca_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+def _check_int(name: str, value, maximum: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value} is unsupported; the maximum is {maximum}")
+
+
+def _validate(q, k, v, win_idx, window, num_heads, scale) -> float:
+    check_tensor(q, "q", ndim=3)
+    check_tensor(k, "k", ndim=4, device=q.device, dtype=q.dtype)
+    check_tensor(v, "v", ndim=4, device=q.device, dtype=q.dtype)
+    check_tensor(win_idx, "win_idx", ndim=3, dtypes=(torch.int32, torch.int64), device=q.device)
+    _check_int("num_heads", num_heads)
+    _check_int("window", window, MAX_WINDOW)
+    B, NQ, C = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[3] != C or v.shape[3] != C:
+        raise ValueError(f"channel mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"(k and v must be (B, H, W, C) with q's C={C} channels last)")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if win_idx.shape[0] != B or win_idx.shape[1] != NQ:
+        raise ValueError(f"win_idx must be (B, Nq, K) = ({B}, {NQ}, K), got {tuple(win_idx.shape)}")
+    if C % num_heads != 0:
+        raise ValueError(f"channels C={C} of q are not divisible by num_heads={num_heads}")
+    head_dim = C // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} (C={C} / num_heads={num_heads}) is unsupported; "
+                         f"the maximum is {MAX_HEAD_DIM}")
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def hrca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
+                   window: int, num_heads: int, scale: Optional[float] = None) -> torch.Tensor:
+    """High-resolution cross-attention over each query's selected windows -> (B, Nq, C).
+
+    q (B, Nq, C); k, v (B, H, W, C) (any strides); win_idx (B, Nq, K) int32/int64 window indices
+    in ``lrformer.functional.hrca_window_grid(H, W, window)`` (row-major); ``scale`` defaults to
+    ``head_dim ** -0.5``.  Differentiable in q, k and v; the k/v gradients use float atomics
+    unless ``torch.use_deterministic_algorithms(True)`` is set (then a sort-based deterministic
+    kernel runs).  Raises ValueError for window indices outside the grid.
+    """
+    scale = _validate(q, k, v, win_idx, window, num_heads, scale)
+    out, _ = _hrca_attention_op(q, k, v, win_idx, window, num_heads, scale)
+    return out
