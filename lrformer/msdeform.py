@@ -1,0 +1,211 @@
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch, and the Mask2Former-style
+multi-scale pixel decoder built on it (the ``pixel_decoder`` of LRFormer+).
+
+Conventions: token sequences are ``(B, N, C)``; maps are NCHW; sampling locations are normalised to
+``[0, 1]`` with ``(x, y)`` order, ``(0, 0)`` the top-left corner of the top-left pixel and a pixel
+``(i, j)`` centred at ``((j + 0.5) / W, (i + 0.5) / H)`` -- the convention of ``F.grid_sample`` with
+``align_corners=False``; samples outside a map read zeros (``padding_mode="zeros"``).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in Mask2Former, or the largest divisor of ``channels`` below it
+    (so that tiny test widths such as 16 or 24 channels work)."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def ms_deform_attn(value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """Core of multi-scale deformable attention.
+
+    value (B, S, M, D): per-head values of all levels flattened row-major and concatenated
+    (``S = sum(H_l * W_l)`` in the order of ``shapes``); locations (B, Nq, M, L, P, 2) in ``[0, 1]``,
+    ``(x, y)``; weights (B, Nq, M, L, P) (softmax over ``L * P`` done by the caller).
+    Returns (B, Nq, M * D): ``sum_{l,p} weights * bilinear(value_l, location)`` per head.
+    """
+    B, S, M, D = value.shape
+    _, Nq, _, L, P, _ = locations.shape
+    if sum(h * w for h, w in shapes) != S:
+        raise ValueError(f"value has {S} tokens but shapes {list(shapes)} sum to {sum(h * w for h, w in shapes)}")
+    grids = 2 * locations - 1                                               # grid_sample's [-1, 1]
+    sampled, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(B * M, D, h, w)
+        start += h * w
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Nq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)                      # (B*M, D, Nq, L*P)
+    w = weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
+    out = (sampled * w).sum(-1)                                             # (B*M, D, Nq)
+    return out.reshape(B, M * D, Nq).transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module (Deformable DETR, Zhu et al. 2021, eq. 3).
+
+    Each query predicts, per head and level, ``points`` offsets (in units of that level's pixels)
+    around its reference point and softmax weights over all ``levels * points`` samples.
+    """
+
+    def __init__(self, dim: int = 256, levels: int = 3, heads: int = 8, points: int = 4):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.dim, self.levels, self.heads, self.points = dim, levels, heads, points
+        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(dim, heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Deformable DETR's initialisation: zero offset weights and a bias putting head m's points
+        on a ray at angle ``2 pi m / heads`` at distances 1..points; uniform attention weights."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(self.heads, dtype=torch.float32) * (2 * math.pi / self.heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid[:, None, None, :].repeat(1, self.levels, self.points, 1)
+        grid = grid * torch.arange(1, self.points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_in: torch.Tensor,
+                shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """query (B, Nq, C); reference_points (B, Nq, L, 2) in [0, 1] (x, y); value_in (B, S, C)
+        (levels flattened and concatenated as in ``shapes``) -> (B, Nq, C)."""
+        B, Nq, _ = query.shape
+        M, L, P = self.heads, self.levels, self.points
+        value = self.value_proj(value_in).reshape(B, value_in.shape[1], M, self.dim // M)
+        offsets = self.sampling_offsets(query).reshape(B, Nq, M, L, P, 2)
+        weights = self.attention_weights(query).reshape(B, Nq, M, L * P).softmax(-1).reshape(B, Nq, M, L, P)
+        # offsets are in pixels of each level: divide by (W_l, H_l) to get normalised units
+        normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
+
+
+def sine_position_encoding(b: int, h: int, w: int, dim: int, device=None, dtype=torch.float32,
+                           temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's normalised sine positional encoding as used by Mask2Former -> (B, dim, H, W).
+
+    Half the channels encode y, half x; coordinates ``(i + 0.5) / H * 2 pi`` (Mask2Former's
+    ``(cumsum - 0.5) / (last + eps) * scale``); channel pairs (sin, cos) at frequencies
+    ``temperature ** (2 k / (dim / 2))``.
+    """
+    if dim % 4:
+        raise ValueError(f"positional encoding dim must be divisible by 4, got {dim}")
+    npf = dim // 2
+    eps, scale = 1e-6, 2 * math.pi
+    y = (torch.arange(1, h + 1, device=device, dtype=torch.float32) - 0.5) / (h + eps) * scale
+    x = (torch.arange(1, w + 1, device=device, dtype=torch.float32) - 0.5) / (w + eps) * scale
+    k = torch.arange(npf, device=device, dtype=torch.float32)
+    dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / npf)
+
+    def enc(t):                                                    # (n,) -> (n, npf) sin/cos interleaved
+        t = t[:, None] / dim_t
+        return torch.stack([t[:, 0::2].sin(), t[:, 1::2].cos()], dim=2).flatten(1)
+
+    py = enc(y)[:, None, :].expand(h, w, npf)
+    px = enc(x)[None, :, :].expand(h, w, npf)
+    pos = torch.cat([py, px], dim=-1).permute(2, 0, 1)
+    return pos.to(dtype)[None].expand(b, dim, h, w)
+
+
+class DeformEncoderLayer(nn.Module):
+    """Post-norm deformable encoder layer: ``x = LN(x + MSDA(x + pos))``; ``x = LN(x + FFN(x))``."""
+
+    def __init__(self, dim: int = 256, ffn_dim: int = 1024, levels: int = 3, heads: int = 8,
+                 points: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, levels, heads, points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src, pos, reference_points, shapes):
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference_points, src, shapes)))
+        return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+
+
+def encoder_reference_points(shapes: Sequence[Tuple[int, int]], batch: int, device=None,
+                             dtype=torch.float32) -> torch.Tensor:
+    """Reference point of every token = its pixel centre, normalised -> (B, S, L, 2) (x, y), the
+    same point for all L levels (no padding, so Deformable DETR's valid ratios are all 1)."""
+    refs = []
+    for h, w in shapes:
+        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        refs.append(torch.stack([xx.flatten(), yy.flatten()], -1))
+    ref = torch.cat(refs, 0)                                              # (S, 2)
+    return ref[None, :, None, :].expand(batch, ref.shape[0], len(shapes), 2)
+
+
+class MSDeformPixelDecoder(nn.Module):
+    """Mask2Former's ``MSDeformAttnPixelDecoder`` for the 4 LRFormer encoder maps.
+
+    in_channels: channels of the encoder maps at strides 4, 8, 16, 32.
+    The stride 8/16/32 maps are projected (1x1 conv + GN) to ``dim``, refined jointly by ``layers``
+    deformable encoder layers (sine position + learned level embedding), then an FPN step fuses the
+    stride-8 output with the stride-4 map (lateral 1x1 conv + GN, add bilinear-upsampled stride-8
+    output, 3x3 conv + GN + ReLU) and a 1x1 conv gives the mask features.
+
+    forward(feats) -> (mask_features (B, dim, H/4, W/4), [stride-32, stride-16, stride-8 maps (B, dim, h, w)]).
+    """
+
+    def __init__(self, in_channels: Sequence[int], dim: int = 256, layers: int = 6, heads: int = 8,
+                 points: int = 4, ffn_dim: int = 1024, dropout: float = 0.0):
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"expected the channels of 4 encoder maps, got {in_channels}")
+        self.dim, self.num_levels = dim, 3
+        # low to high resolution: stride 32, 16, 8
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, 1), group_norm(dim)) for c in reversed(in_channels[1:]))
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        self.level_embed = nn.Parameter(torch.empty(self.num_levels, dim).normal_())
+        self.layers = nn.ModuleList(DeformEncoderLayer(dim, ffn_dim, self.num_levels, heads, points, dropout)
+                                    for _ in range(layers))
+        self.lateral_conv = nn.Sequential(nn.Conv2d(in_channels[0], dim, 1, bias=False), group_norm(dim))
+        self.output_conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), group_norm(dim),
+                                         nn.ReLU(inplace=True))
+        self.mask_features = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, feats: Sequence[torch.Tensor]):
+        x4 = feats[0]
+        maps = [proj(f) for proj, f in zip(self.input_proj, reversed(feats[1:]))]   # strides 32, 16, 8
+        B = x4.shape[0]
+        shapes = [tuple(m.shape[-2:]) for m in maps]
+        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)           # (B, S, C)
+        pos = torch.cat([
+            (sine_position_encoding(B, h, w, self.dim, m.device, m.dtype).flatten(2).transpose(1, 2)
+             + self.level_embed[lvl].to(m.dtype)) for lvl, (m, (h, w)) in enumerate(zip(maps, shapes))], 1)
+        ref = encoder_reference_points(shapes, B, src.device, src.dtype)
+        for layer in self.layers:
+            src = layer(src, pos, ref, shapes)
+        outs, start = [], 0
+        for h, w in shapes:
+            outs.append(src[:, start:start + h * w].transpose(1, 2).reshape(B, self.dim, h, w))
+            start += h * w
+        y = self.lateral_conv(x4) + F.interpolate(outs[-1], size=x4.shape[-2:], mode="bilinear",
+                                                  align_corners=False)
+        y = self.output_conv(y)
+        return self.mask_features(y), outs
