@@ -85,6 +85,13 @@ def pairwise_dice(logits: torch.Tensor, targets: torch.Tensor, weights: Optional
 
 
 # ------------------------------------------------------------------------------------- matching
+def hungarian(cost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-cost one-to-one assignment of a (Q, N) cost matrix (scipy's ``linear_sum_assignment``)
+    -> (query indices, target indices), int64, sorted by query."""
+    qi, ti = linear_sum_assignment(cost.detach().cpu().double().numpy())
+    return torch.as_tensor(qi, dtype=torch.int64), torch.as_tensor(ti, dtype=torch.int64)
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one query/target assignment minimising
     ``cost_class * (-p(class)) + cost_mask * BCE + cost_dice * dice`` (Mask2Former: 2 / 5 / 5), the mask
@@ -122,9 +129,7 @@ class HungarianMatcher(nn.Module):
                 empty = torch.zeros(0, dtype=torch.int64)
                 out.append((empty, empty))
                 continue
-            c = self.cost_matrix(outputs["pred_logits"][b], outputs["pred_masks"][b], t)
-            qi, ti = linear_sum_assignment(c.cpu().numpy())
-            out.append((torch.as_tensor(qi, dtype=torch.int64), torch.as_tensor(ti, dtype=torch.int64)))
+            out.append(hungarian(self.cost_matrix(outputs["pred_logits"][b], outputs["pred_masks"][b], t)))
         return out
 
 
