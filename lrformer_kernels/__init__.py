@@ -20,4 +20,5 @@ from .pyramid_pool import pyramid_pool, split_pyramid
 from .upsample_residual import upsample_residual
 
 __all__ = ["pyramid_pool", "split_pyramid", "lowres_attention", "upsample_residual", "dwconv3x3",
-           "hrca_attention", "FusedLRSA", "FusedBlock", "FusedIRB", "FusedOps", "FusedReleasedBlock", "fuse", "unfuse"]
+           "hrca_attention", "FusedLRSA", "FusedBlock", "FusedIRB", "FusedOps", "FusedReleasedBlock",
+           "fuse", "unfuse"]

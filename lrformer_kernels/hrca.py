@@ -427,8 +427,9 @@ def _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num
 # ---------------------------------------------------------------------------------------------
 # Reference (PyTorch) paths: CPU without the interpreter
 # ---------------------------------------------------------------------------------------------
-def _reference_out_lse(q, k, v, win_idx, window: int, num_heads: int, scale: float):
-    """The reference math (gathered keys/values) in the accumulation dtype, with the lse."""
+def _gather(q, k, v, win_idx, window: int, num_heads: int):
+    """Reference-path gather in the accumulation dtype: q (B, Nq, heads, d), the window pixels'
+    k/v (B, Nq, L, heads, d), their flat pixel indices (B, Nq * L, C) and validity (B, Nq, L)."""
     acc = _acc_dtype(q.dtype)
     B, NQ, C = q.shape
     _, H, W, _ = k.shape
@@ -438,30 +439,43 @@ def _reference_out_lse(q, k, v, win_idx, window: int, num_heads: int, scale: flo
     idx = flat.reshape(B, NQ * L, 1).expand(B, NQ * L, C)
     kg = torch.gather(k.to(acc).reshape(B, H * W, C), 1, idx).reshape(B, NQ, L, num_heads, d)
     vg = torch.gather(v.to(acc).reshape(B, H * W, C), 1, idx).reshape(B, NQ, L, num_heads, d)
-    logits = torch.einsum("bqhd,bqlhd->bhql", q.to(acc).reshape(B, NQ, num_heads, d), kg) * scale
+    return q.to(acc).reshape(B, NQ, num_heads, d), kg, vg, idx, valid
+
+
+def _fwd_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+    """The reference math (gathered keys/values) in the accumulation dtype, with the lse."""
+    B, NQ, C = q.shape
+    qh, kg, vg, _, valid = _gather(q, k, v, win_idx, window, num_heads)
+    logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
     logits = logits.masked_fill(~valid[:, None], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)                                       # (B, heads, Nq)
     attn = torch.exp(logits - lse[..., None])
     out = torch.einsum("bhql,bqlhd->bqhd", attn, vg).reshape(B, NQ, C)
-    return out, lse
-
-
-def _fwd_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
-    out, lse = _reference_out_lse(q, k, v, win_idx, window, num_heads, scale)
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
                    scale: float):
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
-        o, l_ = _reference_out_lse(qd, kd, vd, win_idx, window, num_heads, scale)
-        outs, grads = [o], [grad_out.to(o.dtype)]
-        if grad_lse is not None:
-            outs.append(l_)
-            grads.append(grad_lse.to(l_.dtype))
-        dq, dk, dv = torch.autograd.grad(outs, (qd, kd, vd), grads)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    """Recomputation backward on the gathered tensors; dk/dv by ``scatter_add_`` (deterministic
+    on CPU).  (Autograd is not available inside a custom op's implementation.)"""
+    B, NQ, C = q.shape
+    _, H, W, _ = k.shape
+    qh, kg, vg, idx, valid = _gather(q, k, v, win_idx, window, num_heads)
+    acc = qh.dtype
+    doh = grad_out.to(acc).reshape(qh.shape)
+    logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
+    p = torch.exp(logits - lse.to(acc)[..., None]).masked_fill(~valid[:, None], 0.0)
+    delta = (doh * out.to(acc).reshape(qh.shape)).sum(-1).transpose(1, 2)      # (B, heads, Nq)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    ds = p * (torch.einsum("bqhd,bqlhd->bhql", doh, vg) - delta[..., None])
+    dq = torch.einsum("bhql,bqlhd->bqhd", ds, kg).reshape(B, NQ, C) * scale
+    dkg = torch.einsum("bhql,bqhd->bqlhd", ds, qh).reshape(B, -1, C) * scale
+    dvg = torch.einsum("bhql,bqhd->bqlhd", p, doh).reshape(B, -1, C)
+    dk = torch.zeros(B, H * W, C, dtype=acc, device=k.device).scatter_add_(1, idx, dkg)
+    dv = torch.zeros(B, H * W, C, dtype=acc, device=v.device).scatter_add_(1, idx, dvg)
+    return (dq.to(q.dtype).contiguous(), dk.reshape(k.shape).to(k.dtype),
+            dv.reshape(v.shape).to(v.dtype))
 
 
 def _check_win_range(win_idx: torch.Tensor, h: int, w: int, window: int) -> None:
