@@ -323,3 +323,21 @@ def test_interpreter_low_precision(dtype):
         pytest.skip("covered by the CUDA cases of test_forward_backward")
     for mode in MODES:
         _check((2, 5, 11, 13, 2, 12, 4, 3, None, True, torch.int32, "kv"), dtype, "cpu", mode)
+
+
+def test_gpu_style_tiling(monkeypatch):
+    """The interpreter normally takes whole windows and all heads per program; the GPU configs
+    split heads into blocks (the last one partly masked with 3 heads) and windows into row chunks
+    (some fully outside the map or the window).  Run such a tiling here too: 2 heads of 3 per
+    program, 2 of the 5 rows of a window per step."""
+    import lrformer_kernels.hrca as H
+    block_hb, block_r = 2, 2
+    real = H._config
+
+    def config(dtype, num_heads, head_dim, window, backward=False):
+        _, bd, _, bw, warps = real(dtype, num_heads, head_dim, window, backward)
+        return block_hb, bd, block_r, bw, warps
+
+    monkeypatch.setattr(H, "_config", config)
+    for mode in MODES:
+        _check((1, 3, 12, 11, 3, 4, 5, 2, None, True, torch.int32, "nchw"), torch.float64, "cpu", mode)
