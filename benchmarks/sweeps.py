@@ -8,7 +8,9 @@ Sections
   form); on CUDA also their forward latency (bf16 autocast, batch 1).
 - ``ops``: each fused op (``lrformer_kernels``) vs its reference (``lrformer.functional``) vs
   ``torch.compile(reference)`` at LRFormer-S stage shapes, forward and forward+backward, with
-  achieved GB/s (bytes formulas in :func:`op_bytes`) against the measured copy bandwidth.
+  achieved GB/s (bytes formulas in :func:`op_bytes`) against the measured copy bandwidth.  On
+  CUDA also FASeg's HRCA (``hrca_attention``, windowed cross-attention of 100 queries over the
+  stride-4 map = stage-1 resolution; shape in :data:`HRCA`), listed under stage 1.
 - ``lrsa`` / ``block``: the reference LRSA (with its stage's depthwise convs) / Block vs the
   fused module (``lrformer_kernels.fuse``) vs ``torch.compile``.
 - ``model``: T/S/B/L inference (batch 1) and a training step (forward, backward, AdamW step;
@@ -42,7 +44,21 @@ OPS = ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv_cpe", "d
 #: which ops are memory-bound (GB/s is their figure of merit); attention on a few hundred
 #: tokens is latency-bound, reported too.
 MEMORY_BOUND = {"pyramid_pool": True, "lowres_attention": False, "upsample_residual": True,
-                "dwconv_cpe": True, "dwconv_irb": True}
+                "dwconv_cpe": True, "dwconv_irb": True, "hrca_attention": False}
+#: Op-level cases timed only on CUDA (the CPU sweep stays as it is), at the stage-1 map.
+HRCA_OP = "hrca_attention"
+#: FASeg's HRCA on the stride-4 map of an image (LRFormer stage-1 resolution): decoder width 256,
+#: 8 heads (head dim 32), 100 queries, 8x8 windows, each query attends to 1/32 of the windows
+#: (K = 8 of 256 at 512x512: 512 keys per query), distinct windows per query, uniformly random.
+HRCA = dict(C=256, heads=8, nq=100, window=8, frac=32)
+
+
+def hrca_dims(h: int, w: int) -> Tuple[int, int, int]:
+    """(windows in the grid, K windows per query, keys per query) of :data:`HRCA` on an h x w map."""
+    gh, gw = LF.hrca_window_grid(h, w, HRCA["window"])
+    n_win = gh * gw
+    k = max(1, n_win // HRCA["frac"])
+    return n_win, k, k * HRCA["window"] ** 2
 
 
 def size_str(hw: Tuple[int, int]) -> str:
@@ -277,6 +293,8 @@ def attention_latency_cases(cfg: Config) -> List[Case]:
 
 # -------------------------------------------------------------------------------------- op level
 def _op_shapes(op: str, B: int, h: int, w: int, s: int):
+    if op == HRCA_OP:
+        return B, h, w, HRCA["C"]
     C = AB.S_DIMS[s - 1]
     if op == "dwconv_irb":
         C = C * S_MLP_RATIOS[s - 1]
@@ -297,10 +315,26 @@ def op_bytes(op: str, B: int, h: int, w: int, s: int, esize: int, mode: str) -> 
                       dscale (C fp32) (dx is dOut itself: no copy).
     dwconv (C')       fwd: read x (B H W C') + write y (B H W C') (+ weights 10 C');
                       bwd: read dy, x (B H W C' each) + write dx (B H W C') (+ dw, db).
+    hrca_attention    (Nq queries, K windows of ws x ws each, n_win windows in the map's grid;
+                      U = n_win (1 - (1 - K/n_win)^Nq) = expected number of distinct windows the
+                      queries select (random distinct windows per query): only their pixels
+                      must be read; maps divisible by ws, as in the sweep)
+                      fwd: read q (B Nq C), win_idx (B Nq K int64), k, v (B U ws^2 C each) +
+                      write o (B Nq C);
+                      bwd: read dO, q, o (B Nq C each), win_idx, k, v (B U ws^2 C each), lse
+                      (B heads Nq fp32) + write dq (B Nq C), dk, dv (B H W C each: full maps).
     ``fwd+bwd`` is the sum of both.  ``esize`` is the element size of the activations.
     """
     _, _, _, C = _op_shapes(op, B, h, w, s)
     hw_ = B * h * w * C
+    if op == HRCA_OP:
+        n_win, k, _ = hrca_dims(h, w)
+        nq, ws = HRCA["nq"], HRCA["window"]
+        sel = round(B * n_win * (1.0 - (1.0 - k / n_win) ** nq)) * ws * ws * C   # selected pixels x C
+        idx = 8 * B * nq * k
+        fwd = (2 * B * nq * C + 2 * sel) * esize + idx
+        bwd = (4 * B * nq * C + 2 * sel + 2 * hw_) * esize + idx + 4 * B * HRCA["heads"] * nq
+        return fwd if mode == "fwd" else fwd + bwd
     grids = LF.lrsa_grids(h, w)
     nq = grids[0][0] * grids[0][1]
     m = sum(a * b for a, b in grids[1:])
@@ -324,7 +358,13 @@ def op_bytes(op: str, B: int, h: int, w: int, s: int, esize: int, mode: str) -> 
 
 
 def op_matmul_flops(op: str, B: int, h: int, w: int, s: int, mode: str) -> Optional[int]:
-    """Real FLOPs (2 per multiply-add) of lowres_attention: 2 products forward, 4 backward."""
+    """Real FLOPs (2 per multiply-add) of lowres_attention and hrca_attention: 2 products forward
+    (q.k, p.v), 4 backward (dO.v, ds.k, ds.q, p.dO; the recomputed q.k not counted).
+    hrca_attention: each of the Nq queries against its K * ws^2 keys, ``2 B Nq (K ws^2) C`` per
+    product (maps divisible by ws: no cut windows)."""
+    if op == HRCA_OP:
+        one = 2 * B * HRCA["nq"] * hrca_dims(h, w)[2] * HRCA["C"]
+        return one * (2 if mode == "fwd" else 6)
     if op != "lowres_attention":
         return None
     grids = LF.lrsa_grids(h, w)
@@ -381,6 +421,21 @@ def _op_functions(op: str, s: int, h: int, w: int):
             if grad:  # training: drop path on
                 keep = (torch.rand(B, device=cfg.device, generator=g) > 0.1).float() / 0.9
             return (_randn((B, h, w, C), cfg, dt, grad, g), _randn((B, hq, wq, C), cfg, dt, grad, g), scale, keep)
+    elif op == HRCA_OP:
+        C, heads, nq, ws = HRCA["C"], HRCA["heads"], HRCA["nq"], HRCA["window"]
+        n_win, k, _ = hrca_dims(h, w)
+
+        def eager(q, kv, win_idx):
+            return LF.hrca_attention(q, kv[..., :C], kv[..., C:], win_idx, ws, heads)
+
+        def fused(q, kv, win_idx):
+            return K.hrca_attention(q, kv[..., :C], kv[..., C:], win_idx, ws, heads)
+
+        def inputs(cfg, B, dt, grad, i):
+            g = _gen(cfg, i)
+            win = torch.rand((B, nq, n_win), device=cfg.device, generator=g).argsort(-1)[..., :k]
+            return (_randn((B, nq, C), cfg, dt, grad, g), _randn((B, h, w, 2 * C), cfg, dt, grad, g),
+                    win.contiguous())
     elif op in ("dwconv_cpe", "dwconv_irb"):
         gelu = op == "dwconv_irb"
         Cp = C * (S_MLP_RATIOS[s - 1] if gelu else 1)
@@ -465,7 +520,7 @@ def op_cases(cfg: Config) -> List[Case]:
     for img in sorted(cfg.op_images, key=lambda hw: -hw[0] * hw[1]):   # largest first (budget)
         for s in cfg.stages:
             h, w = AB.stage_map_size(img[0], img[1], s)
-            for op in OPS:
+            for op in OPS + ((HRCA_OP,) if cfg.cuda and s == 1 else ()):
                 B, _, _, C = _op_shapes(op, cfg.batch, h, w, s)
                 for dtype in cfg.dtypes:
                     for mode in cfg.modes:
@@ -473,6 +528,9 @@ def op_cases(cfg: Config) -> List[Case]:
                         for impl, preset in _impls(cfg, compile_here):
                             key = dict(section="ops", name=op, stage=s, image=size_str(img),
                                        shape=f"{B}x{h}x{w}x{C}", batch=B, dtype=dtype, mode=mode, impl=impl)
+                            if op == HRCA_OP:
+                                key["shape"] += "_Nq{}_K{}_ws{}".format(HRCA["nq"], hrca_dims(h, w)[1],
+                                                                        HRCA["window"])
                             esize = torch.tensor([], dtype=DTYPES[dtype]).element_size()
                             key["bytes"] = op_bytes(op, cfg.batch, h, w, s, esize, mode)
                             fl = op_matmul_flops(op, cfg.batch, h, w, s, mode)
