@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as in Mask2Former, or the largest divisor of ``channels`` below it
-    (so that tiny test widths such as 16 or 24 channels work)."""
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+    """GroupNorm with 32 groups as in Mask2Former (256 channels: 8 per group); narrow test widths get
+    ``gcd(32, channels / 2)`` groups, so each group has >= 2 channels (a 1x1 map still normalises)."""
+    return nn.GroupNorm(math.gcd(groups, max(channels // 2, 1)), channels)
 
 
 def ms_deform_attn(value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor,
