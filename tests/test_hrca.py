@@ -175,8 +175,13 @@ def test_gradcheck(device, mode):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_deterministic_mode(device):
-    """Deterministic mode: bit-identical gradients run to run; same values as the atomic path."""
+def test_deterministic_mode(device, monkeypatch):
+    """Deterministic mode takes the sort-based path (and the default mode does not); bit-identical
+    gradients run to run; same values as the atomic path."""
+    import lrformer_kernels.hrca as H
+    calls = []
+    real_csr = H._window_csr
+    monkeypatch.setattr(H, "_window_csr", lambda *a: calls.append(1) or real_csr(*a))
     case = (2, 5, 11, 13, 2, 12, 4, 3, None, True, torch.int64, "kv")
     dtype = dtypes_for(device)[-1]
     leaves, win = _inputs(case, dtype, device)
@@ -185,6 +190,7 @@ def test_deterministic_mode(device):
         with deterministic(mode == "deterministic"):
             out = _apply(hrca_attention, case, leaves, win)
             res.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    assert len(calls) == 2
     for a, b in zip(res[0], res[1]):
         assert torch.equal(a, b)
     for a, b in zip(res[0], res[2]):
