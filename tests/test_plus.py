@@ -281,7 +281,7 @@ def test_fused_encoder_leaves_decoder_alone():
 
 
 # -------------------------------------------------------------------------------- training
-def shapes_dataset(n=3, size=64, seed=0):
+def shapes_dataset(n=2, size=48, seed=0):
     """Images with a red rectangle (class 1) and a green disc (class 2) on a grey background (class 0),
     small noise; a band of ignored pixels (255) in the first image."""
     g = torch.Generator().manual_seed(seed)
@@ -306,9 +306,9 @@ def test_synthetic_training_loss_falls():
     torch.manual_seed(0)
     model = tiny(num_classes=3, dec_layers=4, train_num_points=256)
     x, lab = shapes_dataset()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     losses = []
-    for _ in range(40):
+    for _ in range(20):
         loss = model.loss(x, lab)
         opt.zero_grad()
         loss.backward()
@@ -318,3 +318,8 @@ def test_synthetic_training_loss_falls():
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     print("loss", [round(v, 2) for v in losses])
     assert last < 0.6 * first, (first, last)
+    # and the trained model segments its training images (mean IoU ~0.75 after these 20 steps)
+    pred = model.eval().predict(x)
+    ious = [(((pred == c) & (lab == c)).sum() / ((pred == c) | (lab == c)).sum()).item() for c in range(3)]
+    print("IoU", ious)
+    assert sum(ious) / 3 > 0.5, ious
