@@ -278,6 +278,20 @@ class MaskedTransformerDecoder(nn.Module):
                 "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in preds[:-1]]}
 
 
+def use_fused_hrca(model: nn.Module, enabled: bool = True) -> int:
+    """Point every :class:`CrossAttentionLayer` of ``model`` at the fused Triton op
+    ``lrformer_kernels.hrca_attention`` (``enabled=False``: back to the reference). Returns the
+    number of layers changed. (``lrformer_kernels.fuse`` only swaps the encoder's LRSA blocks.)"""
+    if enabled:
+        import lrformer_kernels as ops
+    else:
+        ops = LF
+    layers = [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
+    for m in layers:
+        m.ops = ops
+    return len(layers)
+
+
 class QueryDecoderHead(nn.Module):
     """``decode_head`` of LRFormer+: :class:`MSDeformPixelDecoder` + :class:`MaskedTransformerDecoder`.
 

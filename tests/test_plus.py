@@ -231,6 +231,30 @@ def test_hrca_odd_size_resizes_scores():
     assert_topk(call["win_idx"], r.reshape(1, 5, 48), k)
 
 
+def test_fused_hrca_op_swaps_in(monkeypatch):
+    """``use_fused_hrca`` routes the HRCA layers through ``lrformer_kernels.hrca_attention`` (the
+    Triton interpreter on CPU): same outputs and gradients as the reference, float64."""
+    import lrformer_kernels
+    from lrformer.query_decoder import use_fused_hrca
+    if not hasattr(lrformer_kernels, "hrca_attention"):
+        pytest.skip("lrformer_kernels.hrca_attention not built")
+    torch.manual_seed(0)
+    dec = MaskedTransformerDecoder(num_classes=3, dim=16, num_queries=3, layers=4, heads=2, ffn_dim=32,
+                                   hrca_keep_ratio=0.25).double()
+    mf, ms = _decoder_inputs(dec, B=1, hw4=(16, 16))
+    mf, ms = mf.double().requires_grad_(), [m.double() for m in ms]
+    results = []
+    for fused in (False, True):
+        assert use_fused_hrca(dec, fused) == 4
+        out = dec(mf, ms)
+        grad = torch.autograd.grad(out["pred_masks"].square().mean(), [mf, dec.cross_attn[3].k_proj.weight])
+        results.append((out["pred_masks"], grad))
+    assert dec.cross_attn[3].ops is lrformer_kernels
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-9)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
 # -------------------------------------------------------------------------- inference / loss
 def test_semantic_inference_formula_and_predict():
     g = torch.Generator().manual_seed(0)
