@@ -306,7 +306,7 @@ def normalize(img: np.ndarray) -> torch.Tensor:
 
 
 def to_tensor(img: np.ndarray, label: np.ndarray):
-    return normalize(img), torch.from_numpy(np.ascontiguousarray(label)).long()
+    return normalize(img), torch.from_numpy(np.array(label, dtype=np.int64))
 
 
 class TrainTransform:

@@ -63,3 +63,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0):
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank, so that all replicas
+    hold identical state (DDP only broadcasts them at the start of each forward)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b.data, src)

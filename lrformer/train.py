@@ -1,0 +1,449 @@
+"""Train LRFormer (iteration-based, the paper's mmseg recipe) on one GPU, many GPUs or the CPU.
+
+Single process::
+
+    python -m lrformer.train --data data/ade/ADEChallengeData2016 --dataset ade20k --model lrformer_t \
+        --pretrained lrformer_t_imagenet.pth --work-dir runs/t_ade
+
+Several GPUs / nodes: the same arguments under ``torchrun`` (DDP, SyncBatchNorm in the head,
+one shard of every batch per rank; ``--batch-size`` is the total over all ranks)::
+
+    torchrun --nproc_per_node 8 -m lrformer.train --data ... --work-dir runs/t_ade
+
+Defaults = the paper's recipe: AdamW (lr 6e-5, weight decay 0.01, head lr x10, no decay on norm
+layers and layer scales), linear warmup over 1500 iterations (from 1e-6 x lr) then poly decay (power
+1, min lr 0), 160k iterations of batch 16, random resize 0.5-2.0 of 2048x512 (ADE20K) / 2048x1024
+(Cityscapes) + random crop 512 (cat_max_ratio 0.75) + flip + photometric distortion.  bf16 autocast and
+the fused Triton kernels are on by default on CUDA.  Checkpoints (``work_dir/iter_<step>.pth`` and
+``work_dir/latest.pth``, written atomically) hold ``{"state_dict", "optimizer", "scheduler", "step",
+"meta"}``; ``lrformer.load_checkpoint`` reads them and ``--resume auto`` continues from ``latest.pth``
+at the exact step (same batches, augmentations and learning rate as an uninterrupted run).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import DATASET_DEFAULTS, SegDataset, StepBatchSampler, TrainTransform, collate, worker_init
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, init_distributed
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="lrformer_t / lrformer_s / lrformer_b / lrformer_l (default: the checkpoint's, else lrformer_t)")
+    g.add_argument("--decoder", choices=("lrhead",), default="lrhead", help="segmentation decoder")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="default: the checkpoint's, else 150 (ADE20K) / 19 (Cityscapes)")
+    g.add_argument("--model-kwargs", default=None,
+                   help="JSON dict of create_model overrides, e.g. '{\"drop_path_rate\": 0.2}'")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused Triton kernels (default: on when CUDA is available)")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+
+
+def apply_checkpoint_meta(args, meta: Optional[dict]):
+    """Take ``model`` / ``num_classes`` / ``model_kwargs`` / ``dataset`` from a checkpoint written by
+    this trainer where the command line left them unset."""
+    if not meta:
+        return args
+    for key in ("model", "num_classes", "model_kwargs", "dataset"):
+        if getattr(args, key, "missing") is None and meta.get(key) is not None:
+            setattr(args, key, meta[key])
+    return args
+
+
+def resolve_defaults(args):
+    """Fill the remaining defaults in place (model, dataset-dependent class count, fused, kwargs)."""
+    if getattr(args, "dataset", None) is None:
+        args.dataset = "ade20k"
+    if args.model is None:
+        args.model = "lrformer_t"
+    if getattr(args, "num_classes", None) is None:
+        args.num_classes = DATASET_DEFAULTS[args.dataset]["num_classes"]
+    if args.fused is None:
+        args.fused = torch.cuda.is_available() and args.device != "cpu"
+    if args.model_kwargs is None:
+        args.model_kwargs = {}
+    elif isinstance(args.model_kwargs, str):
+        args.model_kwargs = json.loads(args.model_kwargs)
+    return args
+
+
+def build_model(args) -> nn.Module:
+    """The one place a segmentor is built from the command line (``--model``, ``--decoder``,
+    ``--num-classes``, ``--model-kwargs``, ``--fused``, ``--pretrained``)."""
+    from .factory import create_model
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(args.model_kwargs).items()}
+    if args.decoder != "lrhead":
+        raise ValueError(f"unknown decoder {args.decoder!r}")
+    return create_model(args.model, num_classes=args.num_classes, fused=bool(args.fused),
+                        pretrained=getattr(args, "pretrained", None), **kw)
+
+
+def load_trained(args, checkpoint: str) -> nn.Module:
+    """Build the model described by ``args`` (completed from the checkpoint's meta) and load
+    ``checkpoint`` (ours, or a released mmseg file) into it."""
+    from .checkpoint import load_checkpoint
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    apply_checkpoint_meta(args, ckpt.get("meta") if isinstance(ckpt, dict) else None)
+    resolve_defaults(args)
+    fused, args.fused = args.fused, False
+    model = build_model(args)
+    load_checkpoint(model, ckpt)
+    args.fused = fused
+    if fused:
+        from lrformer_kernels import fuse
+        fuse(model)
+    return model
+
+
+def amp_dtype_from(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ----------------------------------------------------------------------------------------------
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.01, head_lr_mult: float = 10.0) -> List[dict]:
+    """AdamW parameter groups, mmseg ``paramwise_cfg`` style.
+
+    * lr multiplier: 1 for ``backbone.*``, ``head_lr_mult`` for everything else (the decoder);
+    * no weight decay for the parameters of normalisation layers (BatchNorm / SyncBatchNorm /
+      LayerNorm / GroupNorm weights and biases) and for layer-scale vectors (``layer_scale*``);
+      every other parameter, conv / linear biases included, gets ``weight_decay``.
+
+    Each group carries ``lr_mult`` (the scheduler multiplies it in) and a ``name``.
+    """
+    no_decay = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, NORM_TYPES):
+            for pn, _ in mod.named_parameters(recurse=False):
+                no_decay.add(f"{mod_name}.{pn}" if mod_name else pn)
+    groups: Dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "backbone" if name.startswith("backbone.") else "head"
+        nd = name in no_decay or name.rsplit(".", 1)[-1].startswith("layer_scale")
+        key = f"{part}_{'no_decay' if nd else 'decay'}"
+        g = groups.setdefault(key, {"params": [], "name": key, "weight_decay": 0.0 if nd else weight_decay,
+                                    "lr_mult": 1.0 if part == "backbone" else head_lr_mult})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(step: int, base_lr: float, max_iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
+          power: float = 1.0, min_lr: float = 0.0) -> float:
+    """mmcv's PolyLrUpdaterHook with linear warmup (by iteration), for the update at 0-based ``step``:
+    ``poly = (base - min) * (1 - step / max_iters) ** power + min``, times
+    ``1 - (1 - step / warmup_iters) * (1 - warmup_ratio)`` during warmup."""
+    progress = min(step, max_iters) / max(max_iters, 1)
+    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if step < warmup_iters:
+        lr *= 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+    return lr
+
+
+def set_lr(optimizer, step: int, args) -> float:
+    lr = lr_at(step, args.lr, args.iters, args.warmup_iters, args.warmup_ratio, args.poly_power, args.min_lr)
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    return lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path: str):
+    """torch.save to ``path + '.tmp'`` then ``os.replace``: a crash never leaves a truncated ``path``."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def find_resume(resume: Optional[str], work_dir: str) -> Optional[str]:
+    """``--resume auto``: ``work_dir/latest.pth`` if present (else start fresh); a path: that file."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(work_dir, "latest.pth")
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
+    return resume
+
+
+def _prune(work_dir: str, keep: int):
+    if keep <= 0:
+        return
+    files = glob.glob(os.path.join(work_dir, "iter_*.pth"))
+    files.sort(key=lambda f: int(re.findall(r"iter_(\d+)\.pth$", f)[0]))
+    for f in files[:-keep]:
+        os.remove(f)
+
+
+class LossWrapper(nn.Module):
+    """``forward(images, labels) = model.loss(images, labels)`` so that DDP sees the loss computation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels):
+        return self.model.loss(images, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrformer-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset root (ADE20K or Cityscapes layout)")
+    p.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), default="ade20k", help="folder layout / recipe")
+    p.add_argument("--work-dir", required=True, help="checkpoints and logs go here")
+    p.add_argument("--pretrained", default=None, help="ImageNet encoder checkpoint (or a full segmentor file)")
+    p.add_argument("--resume", default=None, help="'auto' (work_dir/latest.pth when present) or a checkpoint path")
+    add_model_args(p)
+    g = p.add_argument_group("schedule")
+    g.add_argument("--iters", type=int, default=160000, help="total iterations")
+    g.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
+    g.add_argument("--lr", type=float, default=6e-5)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--head-lr-mult", type=float, default=10.0)
+    g.add_argument("--warmup-iters", type=int, default=1500)
+    g.add_argument("--warmup-ratio", type=float, default=1e-6)
+    g.add_argument("--poly-power", type=float, default=1.0)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (off by default)")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast dtype (auto: bf16 on CUDA, none on CPU); fp16 uses a GradScaler")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps of this run, keeping the --iters schedule")
+    g = p.add_argument_group("data")
+    g.add_argument("--crop-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="base scale of the random resize (default 2048 512 ADE20K, 2048 1024 Cityscapes)")
+    g.add_argument("--ratio-range", type=float, nargs=2, default=(0.5, 2.0))
+    g.add_argument("--cat-max-ratio", type=float, default=0.75)
+    g.add_argument("--no-photometric", dest="photometric", action="store_false",
+                   help="disable the photometric distortion")
+    g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="label 0 -> ignore, k -> k-1 (default: on for ADE20K)")
+    g.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
+    from .evaluate import add_inference_args
+    add_inference_args(p)  # for the evaluations during training
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--save-interval", type=int, default=16000)
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="iter_*.pth files kept (0: all)")
+    g.add_argument("--eval-interval", type=int, default=16000,
+                   help="evaluate on the validation split every N iterations and at the end (0: never)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    g.add_argument("--find-unused-parameters", action="store_true", help="DDP option")
+    return p
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1009 + rank * 7919 + 12345) % (2 ** 63)
+
+
+def train(args) -> Dict[str, object]:
+    """Run training as described by the parsed ``args``; returns a summary dict (final ``step``,
+    ``checkpoint`` path, last logged ``loss``, last ``eval`` results, the trained ``model``)."""
+    resolve_defaults(args)
+    ds_defaults = DATASET_DEFAULTS[args.dataset]
+    info: DistInfo = init_distributed(args.device)
+    device = info.device
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
+    per_rank = args.batch_size // info.world_size
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    model = build_model(args)
+    if info.distributed and device.type == "cuda":
+        # SyncBatchNorm needs a GPU; on CPU (gloo) the head keeps BatchNorm and DDP broadcasts the buffers.
+        model.decode_head = nn.SyncBatchNorm.convert_sync_batchnorm(model.decode_head)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr,
+                                  betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    amp_dtype = amp_dtype_from(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start = 0
+    resume_path = find_resume(args.resume, args.work_dir)
+    if resume_path:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["step"])
+        if info.is_main:
+            print(f"resumed from {resume_path} at step {start}", file=sys.stderr)
+    if info.is_main:
+        os.makedirs(args.work_dir, exist_ok=True)
+        with open(os.path.join(args.work_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1, default=str)
+
+    net: nn.Module = LossWrapper(model)
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[info.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=args.find_unused_parameters)
+
+    reduce_zero = args.reduce_zero_label
+    transform = TrainTransform(tuple(args.crop_size), tuple(args.scale or ds_defaults["scale"]),
+                               tuple(args.ratio_range), args.cat_max_ratio, photometric=args.photometric)
+    dataset = SegDataset(args.data, ds_defaults["train_split"], args.dataset, transform, reduce_zero)
+    end = args.iters if args.stop_after is None else min(args.iters, start + args.stop_after)
+    sampler = StepBatchSampler(len(dataset), per_rank, end, start, info.rank, info.world_size, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda",
+                                         worker_init_fn=worker_init, persistent_workers=False)
+
+    val_dataset = None
+    if args.eval_interval > 0:
+        try:
+            val_dataset = SegDataset(args.data, ds_defaults["val_split"], args.dataset, None, reduce_zero)
+        except Exception as e:  # a missing validation split only disables evaluation
+            if info.is_main:
+                print(f"evaluation disabled: {e}", file=sys.stderr)
+
+    def checkpoint(step: int) -> str:
+        path = os.path.join(args.work_dir, "latest.pth")
+        broadcast_buffers(model)  # identical BatchNorm statistics on every rank (rank 0's are saved)
+        if info.is_main:
+            state = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": {"step": step, "max_iters": args.iters, "warmup_iters": args.warmup_iters,
+                                   "lr": args.lr, "power": args.poly_power},
+                     "step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "meta": {"model": args.model, "decoder": args.decoder, "num_classes": args.num_classes,
+                              "model_kwargs": args.model_kwargs, "dataset": args.dataset, "step": step,
+                              "world_size": info.world_size, "batch_size": args.batch_size,
+                              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": str(torch.__version__),
+                              # plain JSON types only: the file loads with torch.load(weights_only=True)
+                              "args": json.loads(json.dumps(vars(args), default=str))}}
+            iter_path = os.path.join(args.work_dir, f"iter_{step}.pth")
+            save_atomic(state, iter_path)
+            _prune(args.work_dir, args.keep_checkpoints)
+            save_atomic(state, path)
+        barrier()
+        return path
+
+    from .evaluate import evaluate, inference_kwargs
+
+    def run_eval(step: int):
+        broadcast_buffers(model)
+        res = evaluate(model, val_dataset, args.num_classes, info.rank, info.world_size,
+                       progress=args.progress, workers=min(args.workers, 2),
+                       **inference_kwargs(args, device, amp_dtype))
+        if info.is_main:
+            _log({"step": step, "mIoU": res["mIoU"], "aAcc": res["aAcc"], "mAcc": res["mAcc"]})
+        return res
+
+    log_path = os.path.join(args.work_dir, "log.jsonl")
+
+    def _log(rec):
+        line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+        (bar.write if bar is not None else print)(line, file=sys.stderr)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    bar = None
+    if info.is_main and args.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.iters, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    net.train()
+    step, last_ckpt, last_eval, last_loss = start, None, None, float("nan")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_sum, t_log = 0, time.time()
+    for batch in loader:
+        lr = set_lr(optimizer, step, args)
+        torch.manual_seed(_step_seed(args.seed, step, info.rank))  # dropout / drop path, resumable
+        images = batch["img"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = net(images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (rank {info.rank}); "
+                                     f"images {batch['path']}")
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum += loss.detach().double()
+        n_sum += 1
+        if bar is not None:
+            bar.update(1)
+        if step % args.log_interval == 0 or step == end:
+            stats = torch.stack([loss_sum, torch.tensor(float(n_sum), dtype=torch.float64, device=device)])
+            all_reduce_sum(stats)
+            last_loss = (stats[0] / stats[1]).item()
+            dt = time.time() - t_log
+            if info.is_main:
+                _log({"step": step, "loss": last_loss, "lr": lr,
+                      "imgs_per_s": n_sum * args.batch_size / max(dt, 1e-9),
+                      "mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+            loss_sum.zero_()
+            n_sum, t_log = 0, time.time()
+        if step % args.save_interval == 0 or step == end:
+            last_ckpt = checkpoint(step)
+        if val_dataset is not None and (step % args.eval_interval == 0 or step == args.iters):
+            last_eval = run_eval(step)
+    if bar is not None:
+        bar.close()
+    if step == start and info.is_main:
+        print(f"nothing to do: already at step {step} of {args.iters}", file=sys.stderr)
+    cleanup()
+    return {"step": step, "checkpoint": last_ckpt, "loss": last_loss, "eval": last_eval,
+            "rank": info.rank, "world_size": info.world_size, "model": model}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+    return train(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Training on the synthetic dataset: param groups, schedule, learning, resume, DDP (2 gloo
+processes), evaluation and prediction CLIs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lrformer
+from lrformer import evaluate as lr_evaluate
+from lrformer import predict as lr_predict
+from lrformer import train as lr_train
+from lrformer.data import SegDataset, palette_for
+from lrformer.evaluate import confusion_matrix, metrics_from_confusion
+from synthetic import make_ade20k
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"embed_dims": [16, 32, 48, 64], "depths": [1, 1, 1, 1], "head_channels": 32, "num_heads": [1, 2, 3, 4],
+        "num_heads_head": 2}
+
+
+def tiny_args(data, work_dir, iters, *extra, kwargs=None):
+    return ["--data", data, "--work-dir", work_dir, "--num-classes", "4", "--model-kwargs",
+            json.dumps(kwargs or TINY), "--iters", str(iters), "--scale", "64", "64", "--crop-size", "48", "48",
+            "--test-scale", "0", "0", "--workers", "0", "--no-progress", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes OpenMP's
+    spinning threads very slow."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_ade20k(str(tmp_path_factory.mktemp("syn") / "ade"), n_train=24, n_val=6, size=(64, 64), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """60 steps at batch 4 (lr 2e-3, short warmup): the trained run shared by the tests below."""
+    wd = str(tmp_path_factory.mktemp("run"))
+    res = lr_train.main(tiny_args(data, wd, 60, "--batch-size", "4", "--lr", "2e-3", "--warmup-iters", "5",
+                                  "--log-interval", "20", "--save-interval", "30", "--eval-interval", "60",
+                                  "--seed", "0"))
+    return wd, res
+
+
+def test_param_groups_rule():
+    model = lrformer.create_model("lrformer_t", num_classes=4, **{k: tuple(v) if isinstance(v, list) else v
+                                                                  for k, v in TINY.items()})
+    groups = lr_train.param_groups(model, weight_decay=0.01, head_lr_mult=10)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(by_id) == len(names) == sum(len(g["params"]) for g in groups)   # each parameter once
+    for n, p in names.items():
+        g = by_id[id(p)]
+        assert g["lr_mult"] == (1.0 if n.startswith("backbone.") else 10.0), n
+        is_norm = any(s in n for s in ("norm", ".bn.", "conv1.1.", "conv1.4.", "conv1.7.")) or "layer_scale" in n
+        assert (g["weight_decay"] == 0.0) == is_norm, n
+    assert {g["name"] for g in groups} == {"backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay"}
+
+
+def test_lr_schedule_warmup_poly():
+    f = lambda s: lr_train.lr_at(s, 6e-5, 160000, 1500, 1e-6, 1.0, 0.0)  # noqa: E731
+    assert f(0) == pytest.approx(6e-5 * 1e-6)
+    assert f(750) == pytest.approx(6e-5 * (1 - 750 / 160000) * (1 - 0.5 * (1 - 1e-6)))
+    assert f(1500) == pytest.approx(6e-5 * (1 - 1500 / 160000))
+    assert f(80000) == pytest.approx(3e-5)
+    assert f(160000) == 0.0
+    vals = [f(s) for s in range(1500, 160001, 1000)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_learns_synthetic_task(trained, data):
+    """mIoU on the held-out split far above chance (constant or uniform-random predictions)."""
+    wd, res = trained
+    assert res["step"] == 60 and np.isfinite(res["loss"])
+    val = SegDataset(data, "val", "ade20k")
+    labels = torch.stack([torch.as_tensor(val.load(i)[1]) for i in range(len(val))])
+    g = torch.Generator().manual_seed(0)
+    chance = max(max(metrics_from_confusion(confusion_matrix(torch.full_like(labels, k), labels, 4))["mIoU"]
+                     for k in range(4)),
+                 metrics_from_confusion(confusion_matrix(torch.randint(0, 4, labels.shape, generator=g),
+                                                         labels, 4))["mIoU"])
+    out = os.path.join(wd, "eval.json")
+    ev = lr_evaluate.main(["--data", data, "--checkpoint", os.path.join(wd, "latest.pth"), "--test-scale", "0", "0",
+                           "--workers", "0", "--device", "cpu", "--out", out])
+    assert ev["mIoU"] > max(2 * chance, 0.5), (ev["mIoU"], chance)
+    assert ev["mIoU"] == pytest.approx(res["eval"]["mIoU"])       # the in-training evaluation agrees
+    assert json.load(open(out))["num_images"] == 6
+    # the log has the loss and the throughput, and the loss went down
+    log = [json.loads(line) for line in open(os.path.join(wd, "log.jsonl"))]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert [r["step"] for r in log if "loss" in r] == [20, 40, 60] and losses[-1] < losses[0]
+    assert all(r["imgs_per_s"] > 0 for r in log if "loss" in r)
+
+
+def test_checkpoint_format_and_files(trained):
+    wd, _ = trained
+    assert sorted(f for f in os.listdir(wd) if f.endswith(".pth")) == ["iter_30.pth", "iter_60.pth", "latest.pth"]
+    assert not [f for f in os.listdir(wd) if f.endswith(".tmp")]
+    ckpt = torch.load(os.path.join(wd, "latest.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 60 and ckpt["scheduler"]["step"] == 60 and "optimizer" in ckpt
+    assert ckpt["meta"]["num_classes"] == 4 and ckpt["meta"]["model"] == "lrformer_t"
+    assert all(k.startswith(("backbone.", "decode_head.")) for k in ckpt["state_dict"])
+    model = lrformer.create_model("lrformer_t", num_classes=4, **{k: tuple(v) if isinstance(v, list) else v
+                                                                  for k, v in TINY.items()})
+    lrformer.load_checkpoint(model, os.path.join(wd, "latest.pth"))     # strict, released key names
+    assert torch.equal(model.decode_head.conv_seg.weight, ckpt["state_dict"]["decode_head.conv_seg.weight"])
+
+
+def test_predict_writes_palette_pngs(trained, data, tmp_path):
+    wd, _ = trained
+    imgs = [os.path.join(data, "images", "validation", f"validation_000{i}.png") for i in range(2)]
+    out = lr_predict.main(imgs + ["--checkpoint", os.path.join(wd, "latest.pth"), "--out-dir", str(tmp_path),
+                                  "--overlay", "0.5", "--device", "cpu"])
+    assert [os.path.basename(p) for p in out] == ["validation_0000.png", "validation_0001.png"]
+    palette = palette_for("ade20k", 4)
+    model = lr_train.load_trained(lr_predict.build_parser().parse_args(imgs[:1] + ["--checkpoint", "x"]),
+                                  os.path.join(wd, "latest.pth")).eval()
+    for img_path, p in zip(imgs, out):
+        mask = Image.open(p)
+        assert mask.mode == "P" and mask.size == (64, 64)
+        ids = np.asarray(mask)
+        x = lrformer.data.normalize(lrformer.data.read_image(img_path))[None]
+        assert np.array_equal(ids, model.predict(x)[0].numpy())
+        rgb = np.asarray(mask.convert("RGB"))
+        for k in np.unique(ids):
+            assert (rgb[ids == k] == palette[k]).all()
+        assert Image.open(p[:-4] + "_overlay.png").size == (64, 64)
+
+
+def test_resume_is_exact(data, tmp_path):
+    """8 steps straight == 4 steps, 'interruption', --resume auto for the rest: same step counter,
+    learning rate position and weights (dropout and drop path on, augmentations on)."""
+    kw = dict(TINY, drop_path_rate=0.2)
+    common = ["--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "3", "--log-interval", "1",
+              "--save-interval", "100", "--eval-interval", "0", "--seed", "3"]
+    straight = lr_train.main(tiny_args(data, str(tmp_path / "a"), 8, *common, kwargs=kw))
+    wd = str(tmp_path / "b")
+    first = lr_train.main(tiny_args(data, wd, 8, *common, "--stop-after", "4", kwargs=kw))
+    assert first["step"] == 4
+    with open(os.path.join(wd, "latest.pth.tmp"), "wb") as f:   # a save killed half-way
+        f.write(b"truncated")
+    resumed = lr_train.main(tiny_args(data, wd, 8, *common, "--resume", "auto", kwargs=kw))
+    assert resumed["step"] == 8
+    sa, sb = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    la = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    assert [(r["step"], r["lr"], r["loss"]) for r in la] == [(r["step"], r["lr"], r["loss"]) for r in lb]
+    ca = torch.load(tmp_path / "a" / "latest.pth", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "latest.pth", weights_only=False)
+    assert ca["step"] == cb["step"] == 8
+    for a, b in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming a finished run is a no-op
+    assert lr_train.main(tiny_args(data, wd, 8, *common, "--resume", "auto", kwargs=kw))["step"] == 8
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    rank = os.environ["RANK"]
+    wd = sys.argv[sys.argv.index("--work-dir") + 1]
+    _save = torch.save
+    def recording_save(obj, f, *a, **k):
+        with open(os.path.join(wd, f"saves_rank{rank}.txt"), "a") as fh:
+            fh.write(str(f) + "\\n")
+        return _save(obj, f, *a, **k)
+    torch.save = recording_save
+    from lrformer import train
+    res = train.main(sys.argv[1:])
+    torch.save = _save
+    _save({"state_dict": res["model"].state_dict(), "mIoU": res["eval"]["mIoU"], "step": res["step"],
+           "world_size": res["world_size"], "loss": res["loss"]}, os.path.join(wd, f"final_rank{rank}.pt"))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(data, tmp_path):
+    wd = str(tmp_path / "ddp")
+    os.makedirs(wd)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script),
+           *tiny_args(data, wd, 6, "--batch-size", "4", "--lr", "1e-3", "--warmup-iters", "2", "--log-interval", "3",
+                      "--save-interval", "3", "--eval-interval", "6")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0 = torch.load(os.path.join(wd, "final_rank0.pt"), weights_only=False)
+    r1 = torch.load(os.path.join(wd, "final_rank1.pt"), weights_only=False)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["step"] == r1["step"] == 6
+    assert np.isfinite(r0["loss"]) and r0["loss"] == r1["loss"]            # all-reduced mean loss
+    for k, v in r0["state_dict"].items():                                   # replicas stay identical
+        assert torch.equal(v, r1["state_dict"][k]), k
+    assert r0["mIoU"] == r1["mIoU"]                                         # sharded eval, summed matrices
+    # only rank 0 writes checkpoints and logs
+    assert not os.path.exists(os.path.join(wd, "saves_rank1.txt"))
+    saved = open(os.path.join(wd, "saves_rank0.txt")).read().split()
+    assert [os.path.basename(s) for s in saved] == ["iter_3.pth.tmp", "latest.pth.tmp", "iter_6.pth.tmp",
+                                                    "latest.pth.tmp"]
+    ckpt = torch.load(os.path.join(wd, "latest.pth"), weights_only=False)
+    assert ckpt["meta"]["world_size"] == 2 and ckpt["step"] == 6
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(v, r0["state_dict"][k]), k
+    log = [json.loads(x) for x in open(os.path.join(wd, "log.jsonl"))]
+    assert [r["step"] for r in log] == [3, 6, 6]                            # two loss lines + one eval line
