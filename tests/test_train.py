@@ -48,9 +48,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
-    """60 steps at batch 4 (lr 2e-3, short warmup): the trained run shared by the tests below."""
+    """60 steps at batch 4 (lr 2e-3, short warmup, milder augmentation): the trained run shared by the
+    tests below (held-out mIoU 0.70-0.78 over training seeds 1-4)."""
     wd = str(tmp_path_factory.mktemp("run"))
     res = lr_train.main(tiny_args(data, wd, 60, "--batch-size", "4", "--lr", "2e-3", "--warmup-iters", "5",
+                                  "--no-photometric", "--ratio-range", "0.75", "1.5",
                                   "--log-interval", "20", "--save-interval", "30", "--eval-interval", "60",
                                   "--seed", "0"))
     return wd, res
@@ -96,6 +98,7 @@ def test_learns_synthetic_task(trained, data):
     out = os.path.join(wd, "eval.json")
     ev = lr_evaluate.main(["--data", data, "--checkpoint", os.path.join(wd, "latest.pth"), "--test-scale", "0", "0",
                            "--workers", "0", "--device", "cpu", "--out", out])
+    print(f"mIoU {ev['mIoU']:.3f}, chance {chance:.3f}")
     assert ev["mIoU"] > max(2 * chance, 0.5), (ev["mIoU"], chance)
     assert ev["mIoU"] == pytest.approx(res["eval"]["mIoU"])       # the in-training evaluation agrees
     assert json.load(open(out))["num_images"] == 6
