@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from .data import DATASET_DEFAULTS, SegDataset, StepBatchSampler, TrainTransform, collate, worker_init
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, init_distributed
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, convert_sync_batchnorm,
+                          init_distributed)
 
 # ----------------------------------------------------------------------------------------------
 # Model
@@ -297,7 +298,7 @@ def train(args) -> Dict[str, object]:
     model = build_model(args)
     if info.distributed and device.type == "cuda":
         # SyncBatchNorm needs a GPU; on CPU (gloo) the head keeps BatchNorm and DDP broadcasts the buffers.
-        model.decode_head = nn.SyncBatchNorm.convert_sync_batchnorm(model.decode_head)
+        model.decode_head = convert_sync_batchnorm(model.decode_head)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr,
                                   betas=(0.9, 0.999), weight_decay=args.weight_decay)

@@ -73,6 +73,28 @@ def test_param_groups_rule():
     assert {g["name"] for g in groups} == {"backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay"}
 
 
+def test_sync_batchnorm_conversion_keeps_model_math():
+    """The head's BatchNorms become SyncBatchNorm (same keys) that the blocks still treat as BatchNorm2d:
+    without a process group it computes exactly what the plain model does, forward and backward."""
+    from lrformer.distributed import SyncBatchNorm2d, convert_sync_batchnorm
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
+    torch.manual_seed(0)
+    ref = lrformer.create_model("lrformer_t", num_classes=4, dropout=0.0, **kw)
+    model = lrformer.create_model("lrformer_t", num_classes=4, dropout=0.0, **kw)
+    model.load_state_dict(ref.state_dict())
+    model.decode_head = convert_sync_batchnorm(model.decode_head)
+    bns = [m for m in model.decode_head.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(bns) == 6 and all(isinstance(m, (SyncBatchNorm2d, torch.nn.BatchNorm2d)) for m in bns)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    x, y = torch.randn(2, 3, 48, 40), torch.randint(0, 4, (2, 48, 40))
+    la, lb = ref.loss(x, y), model.loss(x, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert (b.grad - a.grad).norm() <= 1e-4 * a.grad.norm() + 1e-6, n   # float32 rounding only
+
+
 def test_lr_schedule_warmup_poly():
     f = lambda s: lr_train.lr_at(s, 6e-5, 160000, 1500, 1e-6, 1.0, 0.0)  # noqa: E731
     assert f(0) == pytest.approx(6e-5 * 1e-6)
