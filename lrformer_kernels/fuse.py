@@ -34,6 +34,12 @@ def _released_sizes(block: nn.Module):
     return HEAD_SIZES if isinstance(block.norm1, nn.BatchNorm2d) else ENCODER_SIZES
 
 
+def _set_hrca(model: nn.Module, fused: bool) -> int:
+    """LRFormer+ decoders: route the HRCA cross-attention through the fused op (or back)."""
+    from lrformer.query_decoder import use_fused_hrca
+    return use_fused_hrca(model, fused)
+
+
 def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Swap every LRSA/block the function recognises to the fused Triton path, in place.
 
@@ -41,6 +47,7 @@ def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
     ``FusedLRSA``/``FusedIRB`` (same objects, same parameters). Models built from the released code:
     each ``Block`` (with ``PoolingAttention``/``IRB`` children) is replaced by a
     :class:`FusedReleasedBlock` that adopts its submodules, so state-dict names are unchanged.
+    LRFormer+ decoders: the cross-attention layers' HRCA goes through the fused ``hrca_attention``.
     Returns the model; what was swapped is in ``model.fuse_report`` (and printed if ``verbose``).
     On CPU the fused modules run the reference math (or the kernels under TRITON_INTERPRET=1).
     """
@@ -56,6 +63,9 @@ def fuse(model: nn.Module, verbose: bool = False) -> nn.Module:
                 q, kv = _released_sizes(child)
                 setattr(parent, name, FusedReleasedBlock(child, q, kv).train(child.training))
                 report[f"{type(child).__name__} ({type(child.attn).__name__}) -> FusedReleasedBlock"] += 1
+    n_hrca = _set_hrca(model, fused=True)
+    if n_hrca:
+        report["CrossAttentionLayer -> fused hrca_attention"] += n_hrca
     model.fuse_report = dict(report)
     if verbose:
         print(format_report(model.fuse_report, "fused"))
@@ -75,6 +85,9 @@ def unfuse(model: nn.Module, verbose: bool = False) -> nn.Module:
             if isinstance(child, FusedReleasedBlock):
                 setattr(parent, name, child.unfused())
                 report["FusedReleasedBlock -> original"] += 1
+    n_hrca = _set_hrca(model, fused=False)
+    if n_hrca:
+        report["CrossAttentionLayer -> reference hrca_attention"] += n_hrca
     model.fuse_report = {}
     if verbose:
         print(format_report(dict(report), "unfused"))

@@ -295,15 +295,6 @@ def test_loss_finite_and_gradients_reach_all_parameters():
         model.loss(x, lab[0])
 
 
-def test_fused_encoder_leaves_decoder_alone():
-    model = tiny(fused=True).eval()
-    assert any("Fused" in type(m).__name__ for m in model.backbone.modules())
-    assert not any("Fused" in type(m).__name__ for m in model.decode_head.modules())
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 32))
-    assert torch.isfinite(out["pred_logits"]).all() and out["pred_masks"].shape == (1, 6, 8, 8)
-
-
 # -------------------------------------------------------------------------------- training
 def shapes_dataset(n=2, size=48, seed=0):
     """Images with a red rectangle (class 1) and a green disc (class 2) on a grey background (class 0),
@@ -347,3 +338,24 @@ def test_synthetic_training_loss_falls():
     ious = [(((pred == c) & (lab == c)).sum() / ((pred == c) | (lab == c)).sum()).item() for c in range(3)]
     print("IoU", ious)
     assert sum(ious) / 3 > 0.5, ious
+
+
+def test_fuse_plus_model_routes_hrca_and_unfuse_restores():
+    """``lrformer_kernels.fuse`` on an LRFormer+ model swaps the encoder blocks AND the decoder's HRCA op;
+    ``unfuse`` puts both back; state dict unchanged; float64 outputs equal the reference."""
+    import lrformer_kernels
+    from lrformer.query_decoder import CrossAttentionLayer
+    torch.manual_seed(0)
+    model = tiny(hrca_keep_ratio=0.25).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    keys = list(model.state_dict())
+    ref = model.predict(x, return_labels=False)
+    lrformer_kernels.fuse(model)
+    layers = [m for m in model.modules() if isinstance(m, CrossAttentionLayer)]
+    assert model.fuse_report["CrossAttentionLayer -> fused hrca_attention"] == len(layers) > 0
+    assert all(m.ops is lrformer_kernels for m in layers)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model.predict(x, return_labels=False), ref, rtol=1e-9, atol=1e-9)
+    lrformer_kernels.unfuse(model)
+    assert all(m.ops is lrformer.functional for m in layers)
+    assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
