@@ -79,6 +79,7 @@ def test_sync_batchnorm_conversion_keeps_model_math():
     from lrformer.distributed import SyncBatchNorm2d, convert_sync_batchnorm
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
     torch.manual_seed(0)
+    kw["drop_path_rate"] = 0.0
     ref = lrformer.create_model("lrformer_t", num_classes=4, dropout=0.0, **kw)
     model = lrformer.create_model("lrformer_t", num_classes=4, dropout=0.0, **kw)
     model.load_state_dict(ref.state_dict())
