@@ -259,5 +259,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     return res
 
 
-if __name__ == "__main__":
+def cli():
+    """Console-script entry point (``lrformer-evaluate``): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -81,5 +81,10 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     return written
 
 
-if __name__ == "__main__":
+def cli():
+    """Console-script entry point (``lrformer-predict``): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -446,5 +446,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     return train(build_parser().parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli():
+    """Console-script entry point (``lrformer-train``): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
