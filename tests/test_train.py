@@ -251,3 +251,35 @@ def test_ddp_two_processes_gloo(data, tmp_path):
         assert torch.equal(v, r0["state_dict"][k]), k
     log = [json.loads(x) for x in open(os.path.join(wd, "log.jsonl"))]
     assert [r["step"] for r in log] == [3, 6, 6]                            # two loss lines + one eval line
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_and_clipping_run(data, tmp_path, amp):
+    """bf16 / fp16 autocast (fp16 with a GradScaler, saved for resume) with gradient clipping."""
+    res = lr_train.main(tiny_args(data, str(tmp_path), 2, "--batch-size", "2", "--amp", amp, "--clip-grad", "0.5",
+                                  "--log-interval", "1", "--eval-interval", "0"))
+    assert res["step"] == 2 and np.isfinite(res["loss"])
+    ckpt = torch.load(tmp_path / "latest.pth", weights_only=False)
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_cityscapes_layout_trains(tmp_path):
+    from synthetic import make_cityscapes
+    root = make_cityscapes(str(tmp_path / "cs"), n_train=4, n_val=2, size=(32, 64))
+    res = lr_train.main(tiny_args(root, str(tmp_path / "run"), 2, "--dataset", "cityscapes", "--batch-size", "2",
+                                  "--scale", "64", "32", "--crop-size", "32", "32", "--log-interval", "1",
+                                  "--eval-interval", "2", "--mode", "slide", "--crop", "32", "32",
+                                  "--stride", "24", "24"))
+    assert res["step"] == 2 and 0.0 <= res["eval"]["mIoU"] <= 1.0 and res["eval"]["num_images"] == 2
+
+
+def test_trainer_bad_data_names_file(data, tmp_path):
+    import shutil
+    root = str(tmp_path / "bad")
+    shutil.copytree(data, root)
+    label = os.path.join(root, "annotations", "training", "training_0005.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(label)
+    with pytest.raises(lrformer.data.DataError, match="training_0005.png"):
+        lr_train.main(tiny_args(root, str(tmp_path / "run"), 20, "--batch-size", "4", "--eval-interval", "0",
+                                "--log-interval", "100", "--ratio-range", "1.0", "1.0"))
