@@ -220,9 +220,9 @@ def inference_kwargs(args, device, amp_dtype) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import add_model_args
+    from .train import HelpFormatter, add_model_args
     p = argparse.ArgumentParser(prog="lrformer-evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset root (ADE20K or Cityscapes layout)")
     p.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), default=None,
                    help="folder layout (default: the checkpoint's, else ade20k)")

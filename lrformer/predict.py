@@ -36,9 +36,9 @@ def overlay(img: np.ndarray, mask: Image.Image, alpha: float = 0.5) -> Image.Ima
 
 def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_inference_args
-    from .train import add_model_args
+    from .train import HelpFormatter, add_model_args
     p = argparse.ArgumentParser(prog="lrformer-predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="trained checkpoint (ours or a released mmseg file)")
     p.add_argument("--out-dir", default="predictions")

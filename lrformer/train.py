@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -46,7 +47,7 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, 
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="lrformer_t / lrformer_s / lrformer_b / lrformer_l (default: the checkpoint's, else lrformer_t)")
+                   help="lrformer_t / _s / _b / _l (default: the checkpoint's, else lrformer_t)")
     g.add_argument("--decoder", choices=("lrhead",), default="lrhead", help="segmentation decoder")
     g.add_argument("--num-classes", type=int, default=None,
                    help="default: the checkpoint's, else 150 (ADE20K) / 19 (Cityscapes)")
@@ -54,7 +55,16 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="JSON dict of create_model overrides, e.g. '{\"drop_path_rate\": 0.2}'")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="fused Triton kernels (default: on when CUDA is available)")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where the default is None (those helps say what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def apply_checkpoint_meta(args, meta: Optional[dict]):
@@ -226,7 +236,7 @@ class LossWrapper(nn.Module):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrformer-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset root (ADE20K or Cityscapes layout)")
     p.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), default="ade20k", help="folder layout / recipe")
     p.add_argument("--work-dir", required=True, help="checkpoints and logs go here")
@@ -236,24 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=int, default=160000, help="total iterations")
     g.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
-    g.add_argument("--lr", type=float, default=6e-5)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--head-lr-mult", type=float, default=10.0)
-    g.add_argument("--warmup-iters", type=int, default=1500)
-    g.add_argument("--warmup-ratio", type=float, default=1e-6)
-    g.add_argument("--poly-power", type=float, default=1.0)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=6e-5, help="base learning rate (backbone)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the decoder")
+    g.add_argument("--warmup-iters", type=int, default=1500, help="linear warmup iterations")
+    g.add_argument("--warmup-ratio", type=float, default=1e-6, help="warmup starts at this fraction of the lr")
+    g.add_argument("--poly-power", type=float, default=1.0, help="poly decay power")
+    g.add_argument("--min-lr", type=float, default=0.0, help="poly decay floor")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (off by default)")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU); fp16 uses a GradScaler")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this run, keeping the --iters schedule")
     g = p.add_argument_group("data")
-    g.add_argument("--crop-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    g.add_argument("--crop-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="random crop size")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="base scale of the random resize (default 2048 512 ADE20K, 2048 1024 Cityscapes)")
-    g.add_argument("--ratio-range", type=float, nargs=2, default=(0.5, 2.0))
-    g.add_argument("--cat-max-ratio", type=float, default=0.75)
+    g.add_argument("--ratio-range", type=float, nargs=2, default=(0.5, 2.0), help="random resize ratios of --scale")
+    g.add_argument("--cat-max-ratio", type=float, default=0.75, help="crop retried (10x) while one class covers more than this")
     g.add_argument("--no-photometric", dest="photometric", action="store_false",
                    help="disable the photometric distortion")
     g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
@@ -262,10 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_inference_args
     add_inference_args(p)  # for the evaluations during training
     g = p.add_argument_group("bookkeeping")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order, augmentations, init, dropout")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
-    g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--save-interval", type=int, default=16000)
+    g.add_argument("--log-interval", type=int, default=50, help="iterations between log lines")
+    g.add_argument("--save-interval", type=int, default=16000, help="iterations between checkpoints (and at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="iter_*.pth files kept (0: all)")
     g.add_argument("--eval-interval", type=int, default=16000,
                    help="evaluate on the validation split every N iterations and at the end (0: never)")
@@ -401,9 +411,6 @@ def train(args) -> Dict[str, object]:
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = net(images, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (rank {info.rank}); "
-                                     f"images {batch['path']}")
         scaler.scale(loss).backward()
         if args.clip_grad:
             scaler.unscale_(optimizer)
@@ -420,6 +427,9 @@ def train(args) -> Dict[str, object]:
             stats = torch.stack([loss_sum, torch.tensor(float(n_sum), dtype=torch.float64, device=device)])
             all_reduce_sum(stats)
             last_loss = (stats[0] / stats[1]).item()
+            if not math.isfinite(last_loss):  # the same all-reduced value on every rank: all stop together
+                raise FloatingPointError(f"non-finite loss ({last_loss}) in steps {step - n_sum + 1}..{step}; "
+                                         f"last batch: {batch['path']}")
             dt = time.time() - t_log
             if info.is_main:
                 _log({"step": step, "loss": last_loss, "lr": lr,
