@@ -289,16 +289,6 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def pad_to(img, label, size_hw, ignore_index=IGNORE_INDEX):
-    """Pad bottom/right to at least ``size_hw`` (image with 0, label with ignore)."""
-    h, w = label.shape
-    ph, pw = max(size_hw[0] - h, 0), max(size_hw[1] - w, 0)
-    if ph or pw:
-        img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=ignore_index)
-    return img, label
-
-
 def normalize(img: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) RGB -> float32 (3, H, W) normalised with :data:`MEAN` / :data:`STD`."""
     x = (img.astype(np.float32) - MEAN) / STD
@@ -311,7 +301,8 @@ def to_tensor(img: np.ndarray, label: np.ndarray):
 
 class TrainTransform:
     """The paper's training pipeline: random resize (ratio 0.5-2.0 of ``scale``, keep ratio) ->
-    random crop (``cat_max_ratio``) -> flip -> photometric distortion -> normalise -> pad to crop."""
+    random crop (``cat_max_ratio``) -> flip -> photometric distortion -> normalise -> pad to the crop
+    size (image 0 after normalisation, label 255)."""
 
     def __init__(self, crop_size=(512, 512), scale=(2048, 512), ratio_range=(0.5, 2.0),
                  cat_max_ratio=0.75, flip_prob=0.5, photometric=True):
@@ -324,8 +315,13 @@ class TrainTransform:
         img, label = random_flip(img, label, rng, self.flip_prob)
         if self.photometric:
             img = photometric_distortion(np.ascontiguousarray(img), rng)
-        img, label = pad_to(img, label, self.crop_size)
-        return to_tensor(img, label)
+        img, label = to_tensor(img, label)
+        # like mmseg, pad the *normalised* image with 0 (the mean colour) and the label with ignore
+        ph, pw = max(self.crop_size[0] - label.shape[0], 0), max(self.crop_size[1] - label.shape[1], 0)
+        if ph or pw:
+            img = torch.nn.functional.pad(img, (0, pw, 0, ph), value=0.0)
+            label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
+        return img, label
 
 
 class SegDataset(torch.utils.data.Dataset):

@@ -126,3 +126,14 @@ def test_step_batch_sampler_resume_and_ranks():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert stream[:10] != stream[10:20]
     assert len({x[1] for batch in full for x in batch}) == 27  # one augmentation seed per sample
+
+
+def test_small_images_padded_like_mmseg(ade):
+    """Resized below the crop size: padded bottom/right, label with 255, normalised image with 0."""
+    ds = SegDataset(ade, "train", "ade20k", TrainTransform((64, 64), (48, 40), (0.5, 0.5), photometric=False))
+    s = ds[(0, 0)]
+    h, w = rescale_size(40, 48, (24, 20))
+    assert s["img"].shape == (3, 64, 64) and s["label"].shape == (64, 64)
+    assert (s["label"][h:] == 255).all() and (s["label"][:, w:] == 255).all()
+    assert (s["img"][:, h:] == 0).all() and (s["img"][:, :, w:] == 0).all()
+    assert (s["label"][2:h, :w] != 255).all()
