@@ -307,8 +307,12 @@ def train(args) -> Dict[str, object]:
 
     model = build_model(args)
     if info.distributed and device.type == "cuda":
-        # SyncBatchNorm needs a GPU; on CPU (gloo) the head keeps BatchNorm and DDP broadcasts the buffers.
-        model.decode_head = convert_sync_batchnorm(model.decode_head)
+        # SyncBatchNorm in the decoder (every child but the backbone: ``decode_head`` here, whatever a
+        # future decoder names its parts). It needs a GPU; on CPU (gloo) the head keeps BatchNorm and
+        # the buffers are broadcast from rank 0.
+        for name, child in list(model.named_children()):
+            if name != "backbone":
+                setattr(model, name, convert_sync_batchnorm(child))
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr,
                                   betas=(0.9, 0.999), weight_decay=args.weight_decay)
