@@ -47,8 +47,12 @@ from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, 
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="lrformer_t / _s / _b / _l (default: the checkpoint's, else lrformer_t)")
-    g.add_argument("--decoder", choices=("lrhead",), default="lrhead", help="segmentation decoder")
+                   help="lrformer_t / _s / _b / _l, or an LRFormer+ name lrformer_{t,s,b,l,xl}_plus "
+                        "(default: the checkpoint's, else lrformer_t)")
+    g.add_argument("--decoder", choices=DECODERS, default=None,
+                   help="'lrhead' (LRFormer's LRHead) or 'query' (LRFormer+: the Mask2Former-style query decoder "
+                        "with DFPQ and HRCA, i.e. --model X becomes X_plus); default: the checkpoint's, else "
+                        "'query' for *_plus names and 'lrhead' otherwise")
     g.add_argument("--num-classes", type=int, default=None,
                    help="default: the checkpoint's, else 150 (ADE20K) / 19 (Cityscapes)")
     g.add_argument("--model-kwargs", default=None,
@@ -72,7 +76,7 @@ def apply_checkpoint_meta(args, meta: Optional[dict]):
     this trainer where the command line left them unset."""
     if not meta:
         return args
-    for key in ("model", "num_classes", "model_kwargs", "dataset"):
+    for key in ("model", "decoder", "num_classes", "model_kwargs", "dataset"):
         if getattr(args, key, "missing") is None and meta.get(key) is not None:
             setattr(args, key, meta[key])
     return args
@@ -84,6 +88,7 @@ def resolve_defaults(args):
         args.dataset = "ade20k"
     if args.model is None:
         args.model = "lrformer_t"
+    args.decoder, args.model = resolve_decoder(args.model, getattr(args, "decoder", None))
     if getattr(args, "num_classes", None) is None:
         args.num_classes = DATASET_DEFAULTS[args.dataset]["num_classes"]
     if args.fused is None:
@@ -95,13 +100,30 @@ def resolve_defaults(args):
     return args
 
 
+DECODERS = ("lrhead", "query")
+
+
+def resolve_decoder(model: str, decoder: Optional[str]):
+    """``(decoder, model name)``: ``--decoder query`` turns ``lrformer_t`` into ``lrformer_t_plus``;
+    a ``*_plus`` name implies the query decoder."""
+    plus = model.endswith("_plus")
+    if decoder is None:
+        decoder = "query" if plus else "lrhead"
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
+    if decoder == "query" and not plus:
+        model = model + "_plus"
+    elif decoder == "lrhead" and plus:
+        raise ValueError(f"--model {model} is an LRFormer+ model (query decoder); it cannot take --decoder lrhead")
+    return decoder, model
+
+
 def build_model(args) -> nn.Module:
     """The one place a segmentor is built from the command line (``--model``, ``--decoder``,
     ``--num-classes``, ``--model-kwargs``, ``--fused``, ``--pretrained``)."""
     from .factory import create_model
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(args.model_kwargs).items()}
-    if args.decoder != "lrhead":
-        raise ValueError(f"unknown decoder {args.decoder!r}")
+    args.decoder, args.model = resolve_decoder(args.model, getattr(args, "decoder", None))
     return create_model(args.model, num_classes=args.num_classes, fused=bool(args.fused),
                         pretrained=getattr(args, "pretrained", None), **kw)
 
