@@ -73,17 +73,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0):
             dist.broadcast(b.data, src)
 
 
-class SyncBatchNorm2d(torch.nn.SyncBatchNorm, torch.nn.BatchNorm2d):
-    """A SyncBatchNorm that is still an ``nn.BatchNorm2d`` for ``isinstance``: the model's blocks pick
-    their tokens-last BatchNorm path with ``isinstance(norm, nn.BatchNorm2d)`` (``lrformer.layers``,
-    ``lrformer_kernels.modules``), which a plain ``nn.SyncBatchNorm`` would not take."""
-
-
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """``nn.SyncBatchNorm.convert_sync_batchnorm`` (same parameters, buffers and state-dict keys),
-    with the converted layers typed :class:`SyncBatchNorm2d`."""
-    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for m in module.modules():
-        if type(m) is torch.nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm2d
-    return module
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` (same parameters, buffers and state-dict keys); the
+    blocks' tokens-last BatchNorm path recognises any ``_BatchNorm`` (``lrformer.layers.is_batch_norm``)."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

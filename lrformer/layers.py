@@ -25,8 +25,13 @@ def bhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def batch_norm_bhwc(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a BatchNorm2d to a tokens-last map."""
+def is_batch_norm(m) -> bool:
+    """BatchNorm of any kind (``BatchNorm2d``, ``SyncBatchNorm`` after DDP conversion, ...)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def batch_norm_bhwc(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a BatchNorm2d / SyncBatchNorm to a tokens-last map."""
     return bhwc(bn(nchw(x)))
 
 
@@ -168,7 +173,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return batch_norm_bhwc(layer, x) if isinstance(layer, nn.BatchNorm2d) else layer(x)
+        return batch_norm_bhwc(layer, x) if is_batch_norm(layer) else layer(x)
 
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         if self.pre_norm is not None:

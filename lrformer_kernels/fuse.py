@@ -6,6 +6,8 @@ from typing import Dict
 
 import torch.nn as nn
 
+from lrformer.layers import is_batch_norm
+
 from .modules import FUSED_CLASS, REFERENCE_CLASS, FusedReleasedBlock
 
 #: defaults of the released code: encoder query grid 16 (pyramid 11/8/6/4), decoder 32 (22/16/12/8)
@@ -31,7 +33,7 @@ def _released_sizes(block: nn.Module):
         if isinstance(getattr(attn, name, None), int):
             q = getattr(attn, name)
             return q, tuple(round(t * q / 16 + 0.001) for t in (11, 8, 6, 4))
-    return HEAD_SIZES if isinstance(block.norm1, nn.BatchNorm2d) else ENCODER_SIZES
+    return HEAD_SIZES if is_batch_norm(block.norm1) else ENCODER_SIZES
 
 
 def _set_hrca(model: nn.Module, fused: bool) -> int:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrformer import functional as LF
-from lrformer.layers import IRB, LRSA, Block, batch_norm_bhwc
+from lrformer.layers import IRB, LRSA, Block, batch_norm_bhwc, is_batch_norm
 
 from .dwconv import dwconv3x3
 from .lowres_attention import lowres_attention
@@ -115,13 +115,13 @@ class FusedReleasedBlock(nn.Module):
             setattr(self, name, param)
         for name, buf in block.named_buffers(recurse=False):
             self.register_buffer(name, buf)
-        self.head = isinstance(block.norm1, nn.BatchNorm2d)
+        self.head = is_batch_norm(block.norm1)
         self.q_size, self.kv_sizes = q_size, tuple(kv_sizes)
         self.num_heads = int(block.attn.num_heads)
         self.drop_prob = _drop_prob(block)
 
     def _norm(self, layer, x):
-        return batch_norm_bhwc(layer, x) if isinstance(layer, nn.BatchNorm2d) else layer(x)
+        return batch_norm_bhwc(layer, x) if is_batch_norm(layer) else layer(x)
 
     def _lrsa_low(self, x: torch.Tensor, d_convs) -> torch.Tensor:
         attn = self.attn
@@ -137,7 +137,7 @@ class FusedReleasedBlock(nn.Module):
 
     def forward_bhwc(self, x: torch.Tensor, d_convs=None) -> torch.Tensor:
         pre = getattr(self, "pre_norm", None)
-        if isinstance(pre, nn.BatchNorm2d):
+        if is_batch_norm(pre):
             x = batch_norm_bhwc(pre, x)
         x = dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
         low = self._lrsa_low(self._norm(self.norm1, x), d_convs)
