@@ -1,6 +1,7 @@
 """Shared plumbing for the fused ops: input checks and the kernel-or-reference decision."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Optional
 
@@ -57,6 +58,25 @@ def check_positive(name: str, *values: int) -> None:
     for v in values:
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be positive integers, got {values}")
+
+
+def attention_scale(channels: int, num_heads: int, scale, max_head_dim: int) -> float:
+    """Check that q's ``channels`` split into ``num_heads`` heads of at most ``max_head_dim`` channels and
+    that ``scale`` is a finite float or None; returns the scale (default ``head_dim ** -0.5``)."""
+    if channels % num_heads != 0:
+        raise ValueError(f"channels C={channels} of q are not divisible by num_heads={num_heads}")
+    head_dim = channels // num_heads
+    if head_dim > max_head_dim:
+        raise ValueError(f"head dim {head_dim} (C={channels} / num_heads={num_heads}) is unsupported; "
+                         f"the maximum is {max_head_dim}")
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:

@@ -55,13 +55,13 @@ math (gathered, as :func:`lrformer.functional.hrca_attention`).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty, use_kernel
+from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_tensor, interpreting, needs_int64, new_empty,
+                                      use_kernel)
 from lrformer_kernels.lowres_attention import _acc_dtype, _cuda_guard, _split_f32
 
 if HAS_TRITON:
@@ -569,20 +569,7 @@ def _validate(q, k, v, win_idx, window, num_heads, scale) -> float:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if win_idx.shape[0] != B or win_idx.shape[1] != NQ:
         raise ValueError(f"win_idx must be (B, Nq, K) = ({B}, {NQ}, K), got {tuple(win_idx.shape)}")
-    if C % num_heads != 0:
-        raise ValueError(f"channels C={C} of q are not divisible by num_heads={num_heads}")
-    head_dim = C // num_heads
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} (C={C} / num_heads={num_heads}) is unsupported; "
-                         f"the maximum is {MAX_HEAD_DIM}")
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    return attention_scale(C, num_heads, scale, MAX_HEAD_DIM)
 
 
 def hrca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,

@@ -27,13 +27,13 @@ Triton interpreter), the ops run the PyTorch reference math instead.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import HAS_TRITON, check_tensor, interpreting, needs_int64, new_empty, use_kernel
+from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_tensor, interpreting, needs_int64, new_empty,
+                                      use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -525,20 +525,7 @@ def _validate(q, k, v, num_heads, scale) -> float:
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same number of tokens, got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    if C % num_heads != 0:
-        raise ValueError(f"channels C={C} of q are not divisible by num_heads={num_heads}")
-    head_dim = C // num_heads
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} (C={C} / num_heads={num_heads}) is unsupported; "
-                         f"the maximum is {MAX_HEAD_DIM}")
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    return attention_scale(C, num_heads, scale, MAX_HEAD_DIM)
 
 
 def lowres_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
