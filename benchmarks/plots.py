@@ -18,6 +18,15 @@ VARIANT_COLOR = {"t": "tab:red", "s": "tab:orange", "b": "tab:blue", "l": "tab:g
 KIND_COLOR = {"lrsa": "tab:blue", "sra": "tab:green", "global": "tab:red", "window": "tab:purple"}
 
 
+def _save(fig, folder: str, fname: str, out: list, dpi: int) -> None:
+    """Lay out, write ``folder/fname``, close the figure and record the path in ``out``."""
+    fig.tight_layout()
+    p = os.path.join(folder, fname)
+    fig.savefig(p, dpi=dpi)
+    plt.close(fig)
+    out.append(p)
+
+
 def load(folder: str, name: str):
     p = os.path.join(folder, f"{name}.json")
     if not os.path.exists(p):
@@ -64,11 +73,7 @@ def plot_flops(folder, out: List[str]):
     ax.set_title("LRFormer FLOPs vs resolution\n" + _title(meta), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = os.path.join(folder, "flops_vs_resolution.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out.append(p)
+    _save(fig, folder, "flops_vs_resolution.png", out, dpi=120)
 
 
 def _per_stage_lines(folder, rows, value, ylabel, fname, title, meta, out, log=True):
@@ -97,11 +102,7 @@ def _per_stage_lines(folder, rows, value, ylabel, fname, title, meta, out, log=T
     axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title + "\n" + _title(meta), fontsize=9)
-    fig.tight_layout()
-    p = os.path.join(folder, fname)
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    out.append(p)
+    _save(fig, folder, fname, out, dpi=120)
 
 
 def plot_attention(folder, out):
@@ -147,11 +148,7 @@ def _bar_grid(folder, name, rows, group_key, fname, title, meta, out):
                 ax.set_ylabel("median ms (log)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title + "\n" + _title(meta), fontsize=9)
-    fig.tight_layout()
-    p = os.path.join(folder, fname)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    out.append(p)
+    _save(fig, folder, fname, out, dpi=110)
 
 
 def plot_levels(folder, out):
@@ -187,11 +184,7 @@ def plot_levels(folder, out):
         ax.set_ylabel("% of device copy bandwidth")
         ax.set_title(f"ops forward at stage 1 ({image} images): achieved bandwidth\n" + _title(meta), fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        p = os.path.join(folder, "ops_bandwidth.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        _save(fig, folder, "ops_bandwidth.png", out, dpi=110)
 
 
 def plot_model(folder, out):
@@ -220,11 +213,7 @@ def plot_model(folder, out):
             ax.legend(fontsize=6)
         axes[0][0].set_ylabel(ylabel)
         fig.suptitle("LRFormer segmentor\n" + _title(meta), fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(folder, fname)
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        out.append(p)
+        _save(fig, folder, fname, out, dpi=110)
 
 
 def make_plots(folder: str) -> List[str]:

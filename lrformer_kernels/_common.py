@@ -54,10 +54,15 @@ def check_tensor(t, name: str, ndim: Optional[int] = None, dtypes: Iterable[torc
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def check_positive(name: str, *values: int) -> None:
-    for v in values:
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be positive integers, got {values}")
+def check_int(name: str, value, maximum: Optional[int] = None) -> None:
+    """Raise a TypeError unless ``value`` is an int (not a bool), a ValueError unless it is positive
+    (and at most ``maximum`` if given)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value} is unsupported; the maximum is {maximum}")
 
 
 def attention_scale(channels: int, num_heads: int, scale, max_head_dim: int) -> float:

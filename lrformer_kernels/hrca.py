@@ -60,8 +60,8 @@ from typing import Optional
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_tensor, interpreting, needs_int64, new_empty,
-                                      use_kernel)
+from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_int, check_tensor, interpreting,
+                                      needs_int64, new_empty, use_kernel)
 from lrformer_kernels.lowres_attention import _acc_dtype, _cuda_guard, _split_f32
 
 if HAS_TRITON:
@@ -543,22 +543,13 @@ _hrca_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-def _check_int(name: str, value, maximum: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}={value} is unsupported; the maximum is {maximum}")
-
-
 def _validate(q, k, v, win_idx, window, num_heads, scale) -> float:
     check_tensor(q, "q", ndim=3)
     check_tensor(k, "k", ndim=4, device=q.device, dtype=q.dtype)
     check_tensor(v, "v", ndim=4, device=q.device, dtype=q.dtype)
     check_tensor(win_idx, "win_idx", ndim=3, dtypes=(torch.int32, torch.int64), device=q.device)
-    _check_int("num_heads", num_heads)
-    _check_int("window", window, MAX_WINDOW)
+    check_int("num_heads", num_heads)
+    check_int("window", window, MAX_WINDOW)
     B, NQ, C = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")

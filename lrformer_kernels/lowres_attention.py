@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_tensor, interpreting, needs_int64, new_empty,
-                                      use_kernel)
+from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_int, check_tensor, interpreting,
+                                      needs_int64, new_empty, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -512,10 +512,7 @@ def _validate(q, k, v, num_heads, scale) -> float:
     check_tensor(q, "q", ndim=3)
     check_tensor(k, "k", ndim=3, device=q.device, dtype=q.dtype)
     check_tensor(v, "v", ndim=3, device=q.device, dtype=q.dtype)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads <= 0:
-        raise ValueError(f"num_heads must be positive, got {num_heads}")
+    check_int("num_heads", num_heads)
     B, NQ, C = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
