@@ -271,7 +271,9 @@ class MaskedTransformerDecoder(nn.Module):
                     acc_low = last_dist if acc_low is None else acc_low + last_dist
             output = self.self_attn[i](output, query_pos)
             output = self.ffn[i](output)
-            nxt = size_of(self.schedule[i + 1]) if i + 1 < self.num_layers else None
+            # the attention mask is for the next dense layer; HRCA layers take none
+            nxt = self.schedule[i + 1] if i + 1 < self.num_layers else HR
+            nxt = None if nxt == HR else size_of(nxt)
             logits, masks, attn_mask, _ = self.prediction_heads(output, mask_features, nxt)
             preds.append((logits, masks))
         return {"pred_logits": preds[-1][0], "pred_masks": preds[-1][1],
