@@ -119,11 +119,11 @@ def resolve_decoder(model: str, decoder: Optional[str]):
 
 
 def build_model(args) -> nn.Module:
-    """The one place a segmentor is built from the command line (``--model``, ``--decoder``,
-    ``--num-classes``, ``--model-kwargs``, ``--fused``, ``--pretrained``)."""
+    """The one place a segmentor is built from the command line (``--model``, ``--num-classes``,
+    ``--model-kwargs``, ``--fused``, ``--pretrained``), after :func:`resolve_defaults` (which also
+    folds ``--decoder`` into the model name)."""
     from .factory import create_model
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(args.model_kwargs).items()}
-    args.decoder, args.model = resolve_decoder(args.model, getattr(args, "decoder", None))
     return create_model(args.model, num_classes=args.num_classes, fused=bool(args.fused),
                         pretrained=getattr(args, "pretrained", None), **kw)
 
