@@ -21,6 +21,7 @@ CASES = [
     (2, 4, 10, 7, 3, 8, 2, 4, 0.37, True, torch.int64, "nchw"),      # 3 heads, explicit scale
     (1, 5, 13, 9, 2, 24, 4, 2, None, True, torch.int32, "nchw"),     # head dim 24
     (2, 3, 12, 11, 2, 16, 5, 2, None, False, torch.int64, "kv"),     # window 5 (not a power of 2)
+    (1, 3, 3, 5, 2, 8, 4, 2, None, False, torch.int64, "nchw"),       # map smaller than one window
 ]
 
 # Realistic FASeg shapes (stride-4 map of a 512 image, 100 queries); only on CUDA.
