@@ -21,9 +21,9 @@ setup(
     entry_points={"console_scripts": [
         "lrformer-bench=benchmarks.__main__:main",
         "lrformer-flops=benchmarks.flops:main",
-        "lrformer-train=lrformer.train:cli",
-        "lrformer-evaluate=lrformer.evaluate:cli",
-        "lrformer-predict=lrformer.predict:cli",
+        "lrformer-train=lrformer.engine.train:cli",
+        "lrformer-evaluate=lrformer.engine.evaluate:cli",
+        "lrformer-predict=lrformer.engine.predict:cli",
     ]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

@@ -3,7 +3,7 @@
 All layers take and return a tokens-last map ``(B, H, W, C)`` and compute the attention product
 with ``F.scaled_dot_product_attention``:
 
-- ``lrsa``: LRFormer's low-resolution self-attention (the reference :class:`lrformer.layers.LRSA`
+- ``lrsa``: LRFormer's low-resolution self-attention (the reference :class:`lrformer.models.layers.LRSA`
   with its stage's four depthwise convs on the pooled key/value maps, output upsampled to H x W);
 - ``sra``: SegFormer / PVTv2 spatial-reduction attention (keys/values from a stride-R R x R conv
   + LayerNorm; R = 8, 4, 2, 1 in stages 1..4);
@@ -25,28 +25,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrformer import functional as LF
-from lrformer.layers import LRSA
+import lrformer_kernels as LF
+from lrformer.models.layers import LRSA
+
+from .registry import S_DIMS, S_HEADS, stage_map_size  # LRFormer-S per stage (the widths compared at)
 
 KINDS = ("lrsa", "sra", "global", "window")
 LABELS = {"lrsa": "LRSA (LRFormer)", "sra": "spatial-reduction (SegFormer)",
           "global": "global attention", "window": "window 7x7 (Swin)"}
 
-#: LRFormer-S per stage (the width the single layers are compared at).
-S_DIMS = (64, 128, 320, 512)
-S_HEADS = (2, 4, 10, 16)
 #: SegFormer's reduction ratios per stage.
 SR_RATIOS = (8, 4, 2, 1)
 WINDOW = 7
-
-
-def stage_map_size(height: int, width: int, stage: int) -> Tuple[int, int]:
-    """Map size of stage ``stage`` (1..4) for an image: stride 4, 8, 16, 32 (each stride-2 conv
-    with padding 1 rounds up)."""
-    h, w = int(height), int(width)
-    for _ in range(stage + 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 def _heads_split(t: torch.Tensor, heads: int) -> torch.Tensor:

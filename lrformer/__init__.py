@@ -1,17 +1,23 @@
-"""LRFormer (Low-Resolution Self-Attention for semantic segmentation), reference PyTorch model."""
-from . import functional
-from .checkpoint import CheckpointMismatch, load_checkpoint
-from .encoder import LRFormerEncoder
-from .factory import VARIANTS, create_model, model_names
-from .head import LRHead
-from .layers import IRB, LRSA, Block
-from .matching import HungarianMatcher, SetCriterion
-from .msdeform import MSDeformAttn, MSDeformPixelDecoder
-from .plus import LRFormerPlusSegmentor
-from .query_decoder import MaskedTransformerDecoder, QueryDecoderHead
-from .segmentor import LRFormerSegmentor
+"""LRFormer (Low-Resolution Self-Attention for semantic segmentation) in PyTorch.
 
-__all__ = ["functional", "create_model", "model_names", "load_checkpoint", "CheckpointMismatch",
+Layout: ``models/`` (the LRFormer layers, encoder, LRHead, segmentor), ``decoders/`` (the query
+decoders: pixel decoder, masked-attention decoder, matcher and losses), ``factory`` and
+``checkpoint`` (building models by name, loading released weights), ``engine/`` (data, training,
+evaluation, prediction).  The ops come from :mod:`lrformer_kernels` (reference math by default; the
+fused kernels after ``lrformer_kernels.fuse(model)``).
+"""
+from .checkpoint import CheckpointMismatch, load_checkpoint
+from .decoders.matching import HungarianMatcher, SetCriterion
+from .decoders.msdeform import MSDeformAttn
+from .decoders.faseg import FASegHead
+from .decoders.mask2former import Mask2FormerHead
+from .decoders.plus import QuerySegmentor
+from .factory import VARIANTS, create_model, model_names
+from .models.encoder import LRFormerEncoder
+from .models.head import LRHead
+from .models.layers import IRB, LRSA, Block
+from .models.segmentor import LRFormerSegmentor
+
+__all__ = ["create_model", "model_names", "load_checkpoint", "CheckpointMismatch",
            "LRFormerEncoder", "LRHead", "LRFormerSegmentor", "LRSA", "Block", "IRB", "VARIANTS",
-           "LRFormerPlusSegmentor", "QueryDecoderHead", "MaskedTransformerDecoder", "MSDeformPixelDecoder",
-           "MSDeformAttn", "HungarianMatcher", "SetCriterion"]
+           "QuerySegmentor", "Mask2FormerHead", "FASegHead", "MSDeformAttn", "HungarianMatcher", "SetCriterion"]

@@ -1,11 +1,16 @@
 """Variant table and ``create_model``."""
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch.nn as nn
 
-from .encoder import LRFormerEncoder
-from .head import LRHead
-from .segmentor import LRFormerSegmentor
+from .decoders.faseg import FASegHead
+from .decoders.mask2former import Mask2FormerHead
+from .decoders.plus import LOSS_DEFAULTS, QuerySegmentor, make_criterion
+from .models.encoder import LRFormerEncoder
+from .models.head import LRHead
+from .models.segmentor import LRFormerSegmentor
 
 #: SPEC table: embed dims, depths, head channels, drop-path rate.
 VARIANTS = {
@@ -18,15 +23,16 @@ VARIANTS = {
 
 SEGMENTORS = tuple(f"lrformer_{v}" for v in ("t", "s", "b", "l"))
 ENCODERS = tuple(f"lrformer_{v}_encoder" for v in VARIANTS)
-#: LRFormer+ (encoder + Mask2Former-style query decoder with DFPQ/HRCA), built by :mod:`lrformer.plus`.
+#: LRFormer+ as released (encoder + mmseg's Mask2Former head) and the encoder + FASeg's decoder.
 PLUS_SEGMENTORS = tuple(f"lrformer_{v}_plus" for v in VARIANTS)
+FASEG_SEGMENTORS = tuple(f"lrformer_{v}_faseg" for v in VARIANTS)
 ENCODER_KEYS = ("num_heads", "mlp_ratios", "drop_path_rate", "q_size", "layer_scale_init",
                 "layer_scale_stages", "in_chans")
 HEAD_KEYS = ("num_heads_head", "head_q_size", "head_kv_sizes", "head_mlp_ratio", "dropout", "head_channels")
 
 
 def model_names():
-    return SEGMENTORS + PLUS_SEGMENTORS + ENCODERS
+    return SEGMENTORS + PLUS_SEGMENTORS + FASEG_SEGMENTORS + ENCODERS
 
 
 def create_encoder(variant: str, **overrides) -> LRFormerEncoder:
@@ -34,6 +40,26 @@ def create_encoder(variant: str, **overrides) -> LRFormerEncoder:
     kw = dict(embed_dims=cfg["embed_dims"], depths=cfg["depths"], drop_path_rate=cfg["drop_path_rate"])
     kw.update({k: v for k, v in overrides.items() if k in ENCODER_KEYS + ("embed_dims", "depths")})
     return LRFormerEncoder(**kw)
+
+
+#: drop path of the released LRFormer+ configs (SPEC_PLUS A.0)
+PLUS_DROP_PATH = {"t": 0.2, "s": 0.3, "b": 0.4, "l": 0.6, "xl": 0.4}
+#: decoder overrides accepted by ``create_model`` for the query-decoder families
+QUERY_KEYS = ("hidden_dim", "num_queries", "dec_layers", "enc_layers") + tuple(LOSS_DEFAULTS)
+
+
+def create_query_model(family: str, variant: str, num_classes: int = 150, encoder_overrides: Optional[Dict] = None,
+                       **overrides) -> QuerySegmentor:
+    """``family`` "plus" (released LRFormer+: Mask2Former head) or "faseg" (FASeg's decoder) on the
+    LRFormer ``variant`` encoder (query pooled size 16 in every stage, the released drop path)."""
+    enc_kw = {"drop_path_rate": PLUS_DROP_PATH[variant], **(encoder_overrides or {})}
+    enc = create_encoder(variant, **enc_kw)
+    head_cls = Mask2FormerHead if family == "plus" else FASegHead
+    names = {"hidden_dim": "dim", "num_queries": "num_queries", "dec_layers": "layers", "enc_layers": "enc_layers"}
+    head_kw = {names[k]: v for k, v in overrides.items() if k in names}
+    head = head_cls(enc.embed_dims, num_classes, **head_kw)
+    criterion = make_criterion(num_classes, **{k: v for k, v in overrides.items() if k in LOSS_DEFAULTS})
+    return QuerySegmentor(enc, head, criterion)
 
 
 def create_model(name: str, num_classes: int = 150, fused: bool = False, pretrained=None,
@@ -47,20 +73,20 @@ def create_model(name: str, num_classes: int = 150, fused: bool = False, pretrai
     ``pretrained``: a checkpoint path or state dict, loaded with :func:`lrformer.load_checkpoint`.
     ``fused=True`` swaps in the fused Triton LRSA/blocks (``lrformer_kernels.fuse``).
     LRFormer+ models take encoder overrides and the decoder/loss overrides of
-    :data:`lrformer.plus.PLUS_KEYS` (``hidden_dim``, ``num_queries``, ``dec_layers``, ``enc_layers``, ...).
+    :data:`lrformer.decoders.plus.PLUS_KEYS` (``hidden_dim``, ``num_queries``, ``dec_layers``, ``enc_layers``, ...).
     """
     allowed = ENCODER_KEYS + HEAD_KEYS + ("embed_dims", "depths")
-    if name in PLUS_SEGMENTORS:  # no LRHead: its keys are replaced by the query decoder's
-        from .plus import PLUS_KEYS as plus_keys
-        allowed = ENCODER_KEYS + ("embed_dims", "depths") + plus_keys
+    query = name in PLUS_SEGMENTORS + FASEG_SEGMENTORS
+    if query:  # no LRHead: its keys are replaced by the query decoder's
+        allowed = ENCODER_KEYS + ("embed_dims", "depths") + QUERY_KEYS
     unknown = set(overrides) - set(allowed)
     if unknown:
         raise TypeError(f"create_model got unknown overrides {sorted(unknown)}")
-    if name in PLUS_SEGMENTORS:
-        from .plus import create_plus_model
+    if query:
+        variant, family = name[len("lrformer_"):].split("_")
         enc_kw = {k: v for k, v in overrides.items() if k in ENCODER_KEYS + ("embed_dims", "depths")}
-        model = create_plus_model(name, num_classes, enc_kw,
-                                  **{k: v for k, v in overrides.items() if k in plus_keys})
+        model = create_query_model(family, variant, num_classes, enc_kw,
+                                   **{k: v for k, v in overrides.items() if k in QUERY_KEYS})
     elif name in ENCODERS:
         model = create_encoder(name[len("lrformer_"):-len("_encoder")], **overrides)
     elif name in SEGMENTORS:

@@ -1,6 +1,9 @@
-"""Shared plumbing for the fused ops: input checks and the kernel-or-reference decision."""
+"""Shared plumbing for the fused ops: input checks, the kernel-or-reference decision and the launch
+helpers every op file uses (accumulation dtype, tile rounding, SM count, device guard)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from typing import Iterable, Optional
@@ -9,17 +12,69 @@ import torch
 
 try:  # triton is optional on CPU-only machines
     import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+#: log2(e): kernels that use exp2 fold it into the softmax scale.
+LOG2E = 1.4426950408889634
+
+#: Under the interpreter the ops use much bigger tiles (its cost is per program and per op, not per
+#: element).  The tests switch this off to run the exact GPU tile configurations on the CPU.
+INTERPRETER_BIG_TILES = True
+
 
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def big_interpreter_tiles() -> bool:
+    """Whether to pick the interpreter's big tiles (interpreting and :data:`INTERPRETER_BIG_TILES`)."""
+    return INTERPRETER_BIG_TILES and interpreting()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """:func:`acc_dtype` as a Triton dtype (a kernel's ``ACC`` constexpr)."""
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for any other device)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for a launch (a no-op context off CUDA)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def split_f32(x: float):
+    """``x`` as an fp32 pair ``hi + lo``: Triton passes Python floats to kernels as fp32, which
+    would cost fp64 inputs ~1e-8 relative error (e.g. in a softmax scale); kernels add the pair."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    return hi, lo
 
 
 def use_kernel(*tensors: torch.Tensor) -> bool:

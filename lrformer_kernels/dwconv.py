@@ -33,27 +33,25 @@ Design
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from lrformer import functional as ref
-from ._common import HAS_TRITON, check_tensor, needs_int64, new_empty, use_kernel
+from ._common import (HAS_TRITON, acc_dtype, check_tensor, device_guard, needs_int64, new_empty, next_pow2,
+                      num_sms, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["dwconv3x3"]
+__all__ = ["dwconv3x3", "dwconv3x3_reference"]
 
 _INV_SQRT2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -216,86 +214,77 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch helpers
+# Config
 # ---------------------------------------------------------------------------------------------
-def _acc_dtype(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 #: Tile sizes in elements (BLOCK_P * BLOCK_C) per (device type, pass) and GPU warps per program.
 #: Sized from ptxas register counts on sm_90 (bf16/fp32, channel-contiguous x): forward 1024
 #: elements = 8 values per thread at 4 warps (~76 regs, 16-byte loads), or 4 per thread at 8 warps
 #: with GELU (the 9 erf evaluations per value push 4 warps to ~168 regs); fused backward 512
 #: elements at 4 warps (~150 regs with GELU, no spills; 1024 spills).  The CPU interpreter
 #: prefers few, big programs.  Module-level so that tests (and tuning) can change them.
-_TILE_ELEMS = {("cuda", "fwd"): 1024, ("cuda", "bwd"): 512, ("cpu", "fwd"): 8192, ("cpu", "bwd"): 8192}
-_MAX_BLOCK_C = {"fwd": 128, "bwd": 64}
+TILE_ELEMS = {("cuda", "fwd"): 1024, ("cuda", "bwd"): 512, ("cpu", "fwd"): 8192, ("cpu", "bwd"): 8192}
+MAX_BLOCK_C = {"fwd": 128, "bwd": 64}
 #: backward grid: about this many programs per SM in all (~2-3 waves at the backward's occupancy;
 #: partial buffer = programs * 10 * BLOCK_C fp32, ~2.7 MB on an H100).  CPU: per "SM" = 1.
-_PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = 8
 
 
 def _blocks(x: torch.Tensor, kind: str):
     C = x.shape[-1]
-    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C[kind])
-    elems = _TILE_ELEMS[("cuda" if x.is_cuda else "cpu", kind)]
+    block_c = min(next_pow2(C), MAX_BLOCK_C[kind])
+    elems = TILE_ELEMS[("cuda" if x.is_cuda else "cpu", kind)]
     n_pix = x.shape[0] * x.shape[1] * x.shape[2]
-    block_p = min(triton.next_power_of_2(max(1, elems // block_c)), triton.next_power_of_2(n_pix))
+    block_p = min(next_pow2(max(1, elems // block_c)), next_pow2(n_pix))
     return block_p, block_c
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _forward_config(x: torch.Tensor, gelu: bool):
+    """(BLOCK_P, BLOCK_C, num_warps) of the forward kernel (see :data:`TILE_ELEMS`)."""
+    return (*_blocks(x, "fwd"), 8 if gelu else 4)
 
 
-def _num_sms(t: torch.Tensor) -> int:
-    if t.is_cuda:
-        return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return 1
+def _backward_config(x: torch.Tensor):
+    """(BLOCK_P, BLOCK_C, iters, programs, num_warps) of the fused backward: a few programs per SM in
+    all, each walking ``iters`` pixel chunks, so the partial-sum buffer stays small."""
+    block_p, block_c = _blocks(x, "bwd")
+    n_cblk = triton.cdiv(x.shape[-1], block_c)
+    n_chunks = triton.cdiv(x.shape[0] * x.shape[1] * x.shape[2], block_p)
+    target = max(1, (PROGRAMS_PER_SM * num_sms(x.device)) // n_cblk)
+    iters = triton.cdiv(n_chunks, target)
+    return block_p, block_c, iters, triton.cdiv(n_chunks, iters), 4
 
 
-def _fwd_triton(x, weight, bias, gelu, residual):
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+def _forward_triton(x, weight, bias, gelu, residual):
     B, H, W, C = x.shape
     N = B * H * W
     y = new_empty((B, H, W, C), x.dtype, x.device)
     w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
     b = bias.contiguous() if bias is not None else w9  # dummy pointer when no bias
-    block_p, block_c = _blocks(x, "fwd")
-    int64 = needs_int64(x, y)
+    block_p, block_c, warps = _forward_config(x, gelu)
     grid = (triton.cdiv(N, block_p), triton.cdiv(C, block_c))
-    with _device_ctx(x):
+    with device_guard(x):
         _dwconv_fwd_kernel[grid](
             x, w9, b, y, N, H, W, C, *x.stride(),
-            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, INT64=int64,
-            ACC=_acc_dtype(x), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8 if gelu else 4)
+            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, y),
+            ACC=tl_acc(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return y
 
 
-def _bwd_triton(dy, x, weight, bias, gelu, residual):
+def _backward_triton(dy, x, weight, bias, gelu, residual):
     B, H, W, C = x.shape
     N = B * H * W
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = new_empty((B, H, W, C), x.dtype, x.device)
     w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
-    block_p, block_c = _blocks(x, "bwd")
-    n_cblk = triton.cdiv(C, block_c)
-    n_chunks = triton.cdiv(N, block_p)
-    # a few programs per SM in all; each walks `iters` chunks, so the partial buffer stays small.
-    target = max(1, (_PROGRAMS_PER_SM * _num_sms(x)) // n_cblk)
-    iters = triton.cdiv(n_chunks, target)
-    n_prog = triton.cdiv(n_chunks, iters)
-    part = new_empty((n_prog, 10, C), acc_t, x.device)
-    int64 = needs_int64(x, dy, dx)
-    with _device_ctx(x):
-        _dwconv_bwd_kernel[(n_prog, n_cblk)](
+    block_p, block_c, iters, n_prog, warps = _backward_config(x)
+    part = new_empty((n_prog, 10, C), acc_dtype(x.dtype), x.device)
+    with device_guard(x):
+        _dwconv_bwd_kernel[(n_prog, triton.cdiv(C, block_c))](
             dy, x, w9, dx, part, N, H, W, C, iters, *dy.stride(), *x.stride(),
-            GELU=gelu, RESIDUAL=residual, INT64=int64, ACC=_acc_dtype(x),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+            GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, dy, dx), ACC=tl_acc(x.dtype),
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     red = part.sum(dim=0)  # fixed-order reduction over programs: deterministic
     # separate fresh tensors (custom-op outputs may not alias each other)
     dw = red[:9].t().to(weight.dtype, copy=True).contiguous().reshape(C, 1, 3, 3)
@@ -304,8 +293,21 @@ def _bwd_triton(dy, x, weight, bias, gelu, residual):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference paths (CPU without the Triton interpreter)
+# Reference
 # ---------------------------------------------------------------------------------------------
+def dwconv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        gelu: bool = False, residual: bool = True) -> torch.Tensor:
+    """The reference math: depthwise 3x3 convolution (padding 1) of a tokens-last map (B, H, W, C).
+
+    ``g = gelu(x)`` if ``gelu`` else ``x``; returns ``g + conv(g)`` if ``residual`` else ``conv(g)``.
+    weight (C, 1, 3, 3) as ``nn.Conv2d(C, C, 3, padding=1, groups=C)`` stores it.
+    """
+    g = F.gelu(x) if gelu else x
+    y = F.conv2d(g.permute(0, 3, 1, 2), weight, bias, padding=1, groups=x.shape[-1])
+    y = y.permute(0, 2, 3, 1)
+    return g + y if residual else y
+
+
 def _compute_dtype(x, weight, bias):
     t = torch.promote_types(x.dtype, weight.dtype)
     if bias is not None:
@@ -313,13 +315,13 @@ def _compute_dtype(x, weight, bias):
     return t
 
 
-def _fwd_ref(x, weight, bias, gelu, residual):
+def _forward_reference(x, weight, bias, gelu, residual):
     ct = _compute_dtype(x, weight, bias)
-    y = ref.dwconv3x3(x.to(ct), weight.to(ct), bias.to(ct) if bias is not None else None, gelu, residual)
+    y = dwconv3x3_reference(x.to(ct), weight.to(ct), bias.to(ct) if bias is not None else None, gelu, residual)
     return y.to(x.dtype).contiguous()
 
 
-def _bwd_ref(dy, x, weight, bias, gelu, residual):
+def _backward_reference(dy, x, weight, bias, gelu, residual):
     """Closed-form backward in the compute dtype (no autograd needed inside the op)."""
     ct = _compute_dtype(x, weight, bias)
     B, H, W, C = x.shape
@@ -342,14 +344,14 @@ def _bwd_ref(dy, x, weight, bias, gelu, residual):
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops
+# Registration
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::dwconv3x3", mutates_args=())
 def _dwconv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   gelu: bool, residual: bool) -> torch.Tensor:
     if use_kernel(x):
-        return _fwd_triton(x, weight, bias, gelu, residual)
-    return _fwd_ref(x, weight, bias, gelu, residual)
+        return _forward_triton(x, weight, bias, gelu, residual)
+    return _forward_reference(x, weight, bias, gelu, residual)
 
 
 @_dwconv3x3_op.register_fake
@@ -362,8 +364,8 @@ def _dwconv3x3_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                            bias: Optional[torch.Tensor], gelu: bool,
                            residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(x):
-        return _bwd_triton(dy, x, weight, bias, gelu, residual)
-    return _bwd_ref(dy, x, weight, bias, gelu, residual)
+        return _backward_triton(dy, x, weight, bias, gelu, residual)
+    return _backward_reference(dy, x, weight, bias, gelu, residual)
 
 
 @_dwconv3x3_backward_op.register_fake
@@ -390,7 +392,7 @@ _dwconv3x3_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API
+# Public function
 # ---------------------------------------------------------------------------------------------
 def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               gelu: bool = False, residual: bool = True) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``hrca_attention(q, k, v, win_idx, window, num_heads, scale=None)``: q (B, Nq, C) queries,
 k/v (B, H, W, C) tokens-last high-resolution maps, win_idx (B, Nq, K) int32/int64 indices of each
 query's windows in the ``ceil(H/window) x ceil(W/window)`` window grid (row-major) -> (B, Nq, C);
-the same math as :func:`lrformer.functional.hrca_attention` (each query attends, per head, to the
+the same math as :func:`hrca_attention_reference` (each query attends, per head, to the
 pixels of its K windows; pixels past the map's edge are excluded; a window listed twice counts
 twice, as in the reference).  The reference gathers the keys/values into a
 (B, Nq, K * window**2, C) tensor; the kernels never do: they read the window pixels straight from
@@ -51,7 +51,7 @@ which keeps any head dim (masked up to the next power of two) and any window siz
 Packaging: ``torch.library`` custom ops ``lrformer::hrca_attention`` (-> out, lse) and
 ``lrformer::hrca_attention_backward`` with fake (meta) implementations and autograd.  When
 :func:`use_kernel` says no (CPU without the Triton interpreter) the ops run the PyTorch reference
-math (gathered, as :func:`lrformer.functional.hrca_attention`).
+math (gathered, as :func:`hrca_attention_reference`).
 """
 from __future__ import annotations
 
@@ -59,10 +59,8 @@ from typing import Optional
 
 import torch
 
-from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_int, check_tensor, interpreting,
-                                      needs_int64, new_empty, use_kernel)
-from lrformer_kernels.lowres_attention import _acc_dtype, _cuda_guard, _split_f32
+from ._common import (HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+                      interpreting, needs_int64, new_empty, split_f32, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -70,13 +68,13 @@ if HAS_TRITON:
 
 MAX_HEAD_DIM = 256
 MAX_WINDOW = 64
-_LOG2E = 1.4426950408889634
 
-__all__ = ["hrca_attention", "MAX_HEAD_DIM", "MAX_WINDOW"]
+__all__ = ["hrca_attention", "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels",
+           "MAX_HEAD_DIM", "MAX_WINDOW"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -314,9 +312,9 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration
+# Config
 # ---------------------------------------------------------------------------------------------
-def _config(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, backward: bool = False):
+def _tiles(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, backward: bool = False):
     """(BLOCK_HB, BLOCK_D, BLOCK_R, BLOCK_W, num_warps).
 
     Interpreter: all heads and whole windows per step (fewest interpreted ops).  GPU: about 64
@@ -335,29 +333,40 @@ def _config(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, back
     return block_hb, block_d, block_r, block_w, warps
 
 
+def _forward_config(dtype: torch.dtype, num_heads: int, head_dim: int, window: int):
+    return _tiles(dtype, num_heads, head_dim, window, backward=False)
+
+
+def _backward_config(dtype: torch.dtype, num_heads: int, head_dim: int, window: int):
+    return _tiles(dtype, num_heads, head_dim, window, backward=True)
+
+
 def _consts(dtype: torch.dtype, head_dim: int, window: int, int64: bool) -> dict:
     fp64 = dtype == torch.float64
     return dict(HEAD_DIM=head_dim, WS=window, ACC=tl.float64 if fp64 else tl.float32,
                 USE_EXP2=not fp64, INT64=int64)
 
 
-def _fwd_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+def _forward_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float):
     B, NQ, C = q.shape
     H, W = k.shape[1], k.shape[2]
     NK = win_idx.shape[2]
     D = C // num_heads
-    _, gw = ref_F.hrca_window_grid(H, W, window)
+    _, gw = hrca_window_grid(H, W, window)
     out = new_empty((B, NQ, C), q.dtype, q.device)
-    lse = new_empty((B, num_heads, NQ), _acc_dtype(q.dtype), q.device)
+    lse = new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device)
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out))
-    bhb, bd, br, bw, warps = _config(q.dtype, num_heads, D, window)
+    bhb, bd, br, bw, warps = _forward_config(q.dtype, num_heads, D, window)
     nhb = triton.cdiv(num_heads, bhb)
-    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
-    with _cuda_guard(q):
+    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
+    with device_guard(q):
         _hrca_fwd_kernel[(NQ, B * nhb)](
             q, k, v, win_idx, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
-            NQ, NK, H, W, gw, num_heads, nhb, *_split_f32(qk_scale),
+            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale),
             BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1, **consts,
         )
     return out, lse
@@ -376,37 +385,37 @@ def _window_csr(win_idx: torch.Tensor, n_windows: int):
     return offs.to(idx_dtype).contiguous(), entry.to(idx_dtype).contiguous()
 
 
-def _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
+def _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
                 scale: float, deterministic: bool):
     B, NQ, C = q.shape
     H, W = k.shape[1], k.shape[2]
     NK = win_idx.shape[2]
     D = C // num_heads
-    gh, gw = ref_F.hrca_window_grid(H, W, window)
-    acc_dtype = _acc_dtype(q.dtype)
+    gh, gw = hrca_window_grid(H, W, window)
+    acc_t = acc_dtype(q.dtype)
     dq = new_empty(q.shape, q.dtype, q.device)
     if deterministic:
         dk = new_empty(k.shape, k.dtype, k.device)
         dv = new_empty(v.shape, v.dtype, v.device)
-        delta = torch.empty((B, num_heads, NQ), dtype=acc_dtype, device=q.device)
+        delta = torch.empty((B, num_heads, NQ), dtype=acc_t, device=q.device)
     else:  # atomic accumulation buffers in the accumulation dtype
-        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        dk = torch.zeros(k.shape, dtype=acc_t, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc_t, device=v.device)
         delta = lse  # unused
     lse = lse.contiguous()
     has_dlse = grad_lse is not None
     if has_dlse:
         grad_lse = grad_lse.contiguous()
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out, grad_out, dq, dk, dv))
-    bhb, bd, br, bw, warps = _config(q.dtype, num_heads, D, window, backward=True)
+    bhb, bd, br, bw, warps = _backward_config(q.dtype, num_heads, D, window)
     nhb = triton.cdiv(num_heads, bhb)
-    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
-    with _cuda_guard(q):
+    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
+    with device_guard(q):
         _hrca_bwd_kernel[(NQ, B * nhb)](
             q, k, v, win_idx, out, grad_out, lse, grad_lse if has_dlse else lse, delta, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
             *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            NQ, NK, H, W, gw, num_heads, nhb, *_split_f32(qk_scale), *_split_f32(scale),
+            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale), *split_f32(scale),
             BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
             HAS_DLSE=has_dlse, ATOMIC=not deterministic, **consts,
         )
@@ -415,7 +424,7 @@ def _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num
             _hrca_bwd_dkdv_kernel[(B * gh * gw, nhb)](
                 q, k, v, grad_out, lse, delta, offs, entry, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-                NQ, H, W, gw, gh * gw, num_heads, *_split_f32(qk_scale), *_split_f32(scale),
+                NQ, H, W, gw, gh * gw, num_heads, *split_f32(qk_scale), *split_f32(scale),
                 BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
                 **consts,
             )
@@ -425,16 +434,68 @@ def _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (PyTorch) paths: CPU without the interpreter
+# Reference
 # ---------------------------------------------------------------------------------------------
+def hrca_window_grid(h: int, w: int, window: int) -> tuple[int, int]:
+    """Window grid of a high-resolution ``h x w`` map cut into ``window x window`` windows
+    (``ceil`` on each side: the last row/column of windows may be cut by the map's edge)."""
+    h, w, window = int(h), int(w), int(window)
+    if h <= 0 or w <= 0 or window <= 0:
+        raise ValueError(f"hrca_window_grid needs positive sizes, got h={h}, w={w}, window={window}")
+    return -(-h // window), -(-w // window)
+
+
+def hrca_window_pixels(win_idx: torch.Tensor, h: int, w: int, window: int):
+    """Flat pixel indices ``(..., K * window**2)`` of the windows ``win_idx`` (row-major in the window
+    grid) of an ``h x w`` map, and a mask of those inside the map (pixels past the edge are skipped)."""
+    _, gw = hrca_window_grid(h, w, window)
+    off = torch.arange(window, device=win_idx.device)
+    rows = (win_idx // gw)[..., None, None] * window + off[:, None]       # (..., K, ws, 1)
+    cols = (win_idx % gw)[..., None, None] * window + off[None, :]        # (..., K, ws, ws)
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    valid = (rows < h) & (cols < w)
+    flat = (rows.clamp(max=h - 1) * w + cols.clamp(max=w - 1))
+    return flat.flatten(-3), valid.flatten(-3)
+
+
+def hrca_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
+                             window: int, num_heads: int, scale: Optional[float] = None) -> torch.Tensor:
+    """The reference math: cross-attention restricted to selected windows.
+
+    q (B, Nq, C) queries; k, v (B, H, W, C) high-resolution keys/values (tokens-last);
+    win_idx (B, Nq, K) integer indices of each query's windows in the window grid
+    ``hrca_window_grid(H, W, window)`` (row-major; shared by all heads). Each query attends, per head,
+    to the pixels of its K windows (pixels past the map's edge excluded) -> (B, Nq, C).
+    This reference gathers the keys/values (B, Nq, K * window**2, C); the fused op does not.
+    """
+    B, Nq, C = q.shape
+    _, H, W, _ = k.shape
+    d = C // num_heads
+    if scale is None:
+        scale = d ** -0.5
+    gh, gw = hrca_window_grid(H, W, window)
+    if win_idx.numel() and (int(win_idx.min()) < 0 or int(win_idx.max()) >= gh * gw):
+        raise ValueError(f"win_idx must lie in [0, {gh * gw}) for a {H}x{W} map with window {window}")
+    flat, valid = hrca_window_pixels(win_idx.long(), H, W, window)        # (B, Nq, L)
+    L = flat.shape[-1]
+    idx = flat.reshape(B, Nq * L, 1).expand(B, Nq * L, C)
+    kg = torch.gather(k.reshape(B, H * W, C), 1, idx).reshape(B, Nq, L, num_heads, d)
+    vg = torch.gather(v.reshape(B, H * W, C), 1, idx).reshape(B, Nq, L, num_heads, d)
+    qh = q.reshape(B, Nq, num_heads, d)
+    logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
+    logits = logits.masked_fill(~valid[:, None], float("-inf"))
+    attn = logits.softmax(dim=-1)
+    return torch.einsum("bhql,bqlhd->bqhd", attn, vg).reshape(B, Nq, C)
+
+
 def _gather(q, k, v, win_idx, window: int, num_heads: int):
     """Reference-path gather in the accumulation dtype: q (B, Nq, heads, d), the window pixels'
     k/v (B, Nq, L, heads, d), their flat pixel indices (B, Nq * L, C) and validity (B, Nq, L)."""
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     B, NQ, C = q.shape
     _, H, W, _ = k.shape
     d = C // num_heads
-    flat, valid = ref_F.hrca_window_pixels(win_idx.long(), H, W, window)        # (B, Nq, L)
+    flat, valid = hrca_window_pixels(win_idx.long(), H, W, window)        # (B, Nq, L)
     L = flat.shape[-1]
     idx = flat.reshape(B, NQ * L, 1).expand(B, NQ * L, C)
     kg = torch.gather(k.to(acc).reshape(B, H * W, C), 1, idx).reshape(B, NQ, L, num_heads, d)
@@ -442,7 +503,7 @@ def _gather(q, k, v, win_idx, window: int, num_heads: int):
     return q.to(acc).reshape(B, NQ, num_heads, d), kg, vg, idx, valid
 
 
-def _fwd_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
+def _forward_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
     """The reference math (gathered keys/values) in the accumulation dtype, with the lse."""
     B, NQ, C = q.shape
     qh, kg, vg, _, valid = _gather(q, k, v, win_idx, window, num_heads)
@@ -454,7 +515,7 @@ def _fwd_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
-def _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
+def _backward_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
                    scale: float):
     """Recomputation backward on the gathered tensors; dk/dv by ``scatter_add_`` (deterministic
     on CPU).  (Autograd is not available inside a custom op's implementation.)"""
@@ -479,7 +540,7 @@ def _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, 
 
 
 def _check_win_range(win_idx: torch.Tensor, h: int, w: int, window: int) -> None:
-    gh, gw = ref_F.hrca_window_grid(h, w, window)
+    gh, gw = hrca_window_grid(h, w, window)
     lo, hi = (int(t) for t in torch.aminmax(win_idx))
     if lo < 0 or hi >= gh * gw:
         raise ValueError(f"win_idx must lie in [0, {gh * gw}) for a {h}x{w} map with window {window} "
@@ -487,21 +548,21 @@ def _check_win_range(win_idx: torch.Tensor, h: int, w: int, window: int) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops
+# Registration
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::hrca_attention", mutates_args=())
 def _hrca_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
                        window: int, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_win_range(win_idx, k.shape[1], k.shape[2], window)
     if use_kernel(q):
-        return _fwd_triton(q, k, v, win_idx, window, num_heads, scale)
-    return _fwd_reference(q, k, v, win_idx, window, num_heads, scale)
+        return _forward_triton(q, k, v, win_idx, window, num_heads, scale)
+    return _forward_reference(q, k, v, win_idx, window, num_heads, scale)
 
 
 @_hrca_attention_op.register_fake
 def _(q, k, v, win_idx, window, num_heads, scale):
     B, NQ, C = q.shape
-    return q.new_empty((B, NQ, C)), q.new_empty((B, num_heads, NQ), dtype=_acc_dtype(q.dtype))
+    return q.new_empty((B, NQ, C)), q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("lrformer::hrca_attention_backward", mutates_args=())
@@ -511,9 +572,9 @@ def _hrca_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torc
                                 num_heads: int, scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _bwd_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale,
+        return _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale,
                            deterministic=torch.are_deterministic_algorithms_enabled())
-    return _bwd_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale)
+    return _backward_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale)
 
 
 @_hrca_attention_backward_op.register_fake
@@ -541,7 +602,7 @@ _hrca_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API
+# Public function
 # ---------------------------------------------------------------------------------------------
 def _validate(q, k, v, win_idx, window, num_heads, scale) -> float:
     check_tensor(q, "q", ndim=3)
@@ -568,7 +629,7 @@ def hrca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: t
     """High-resolution cross-attention over each query's selected windows -> (B, Nq, C).
 
     q (B, Nq, C); k, v (B, H, W, C) (any strides); win_idx (B, Nq, K) int32/int64 window indices
-    in ``lrformer.functional.hrca_window_grid(H, W, window)`` (row-major); ``scale`` defaults to
+    in ``hrca_window_grid(H, W, window)`` (row-major); ``scale`` defaults to
     ``head_dim ** -0.5``.  Differentiable in q, k and v; the k/v gradients use float atomics
     unless ``torch.use_deterministic_algorithms(True)`` is set (then a sort-based deterministic
     kernel runs).  Raises ValueError for window indices outside the grid.

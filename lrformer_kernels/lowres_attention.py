@@ -1,7 +1,7 @@
 """Fused multi-head softmax attention for LRFormer's low-resolution token sets.
 
 ``lowres_attention(q, k, v, num_heads, scale=None)``: q (B, Nq, C), k/v (B, M, C) -> (B, Nq, C),
-the same math as :func:`lrformer.functional.lowres_attention` (channel ``c`` belongs to head
+the same math as :func:`lowres_attention_reference` (channel ``c`` belongs to head
 ``c // (C // num_heads)``; scale defaults to ``head_dim ** -0.5``).
 
 Design (flash-attention style, one launch for all batches and heads):
@@ -26,27 +26,24 @@ Triton interpreter), the ops run the PyTorch reference math instead.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, attention_scale, check_int, check_tensor, interpreting,
-                                      needs_int64, new_empty, use_kernel)
+from ._common import (HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+                      interpreting, needs_int64, new_empty, num_sms, split_f32, use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 
-__all__ = ["lowres_attention", "MAX_HEAD_DIM"]
+__all__ = ["lowres_attention", "lowres_attention_reference", "MAX_HEAD_DIM"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ---------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -271,15 +268,10 @@ if HAS_TRITON:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration
+# Config
 # ---------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / lse dtype: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
@@ -296,12 +288,7 @@ def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _fwd_config(dtype: torch.dtype, block_d: int, nq: int = 0, bh: int = 0, device=None):
+def _forward_config(dtype: torch.dtype, block_d: int, nq: int = 0, bh: int = 0, device=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel.
 
     16-bit inputs: 128-query tiles, unless that leaves fewer than two waves of programs on the
@@ -316,14 +303,13 @@ def _fwd_config(dtype: torch.dtype, block_d: int, nq: int = 0, bh: int = 0, devi
     if block_d > 128:
         return 64, 32, 8, 2
     few = (device is not None and device.type == "cuda"
-           and triton.cdiv(nq, 128) * bh < 2 * _num_sms(device.index if device.index is not None
-                                                         else torch.cuda.current_device()))
+           and triton.cdiv(nq, 128) * bh < 2 * num_sms(device))
     if few:
         return 64, 64, 4, 3
     return (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
 
 
-def _bwd_config(dtype: torch.dtype, block_d: int):
+def _backward_config(dtype: torch.dtype, block_d: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) shared by the dK/dV and dQ kernels."""
     if interpreting():
         return 32, 32, 1, 1
@@ -338,60 +324,48 @@ def _bwd_config(dtype: torch.dtype, block_d: int):
     return 32, 32, 8, 1
 
 
-def _split_f32(x: float):
-    """``x`` as an fp32 pair ``hi + lo``: Triton passes Python floats to kernels as fp32, which
-    would cost fp64 inputs ~1e-8 relative error in the scale; the kernels add the pair in ACC."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
-    return hi, lo
-
-
-def _cuda_guard(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-    return contextlib.nullcontext()
-
-
-def _fwd_triton(q, k, v, num_heads: int, scale: float):
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+def _forward_triton(q, k, v, num_heads: int, scale: float):
     B, NQ, C = q.shape
     M = k.shape[1]
     D = C // num_heads
     out = new_empty((B, NQ, C), q.dtype, q.device)
-    lse = new_empty((B, num_heads, NQ), _acc_dtype(q.dtype), q.device)
+    lse = new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device)
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out))
-    bm, bn, warps, stages = _fwd_config(q.dtype, consts["BLOCK_D"], NQ, B * num_heads, q.device)
-    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    bm, bn, warps, stages = _forward_config(q.dtype, consts["BLOCK_D"], NQ, B * num_heads, q.device)
+    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     grid = (triton.cdiv(NQ, bm), B * num_heads)
-    with _cuda_guard(q):
+    with device_guard(q):
         _lra_fwd_kernel[grid](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            num_heads, NQ, M, *_split_f32(qk_scale),
+            num_heads, NQ, M, *split_f32(qk_scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
     return out, lse
 
 
-def _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+def _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
     B, NQ, C = q.shape
     M = k.shape[1]
     D = C // num_heads
-    acc_dtype = _acc_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
-    delta = torch.empty((B, num_heads, NQ), dtype=acc_dtype, device=q.device)
+    delta = torch.empty((B, num_heads, NQ), dtype=acc_t, device=q.device)
     lse = lse.contiguous()
     has_dlse = grad_lse is not None
     if has_dlse:
         grad_lse = grad_lse.contiguous()
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out, grad_out, dq, dk, dv))
     block_d = consts["BLOCK_D"]
-    bm, bn, warps, stages = _bwd_config(q.dtype, block_d)
-    qk_scale = scale * _LOG2E if consts["USE_EXP2"] else scale
+    bm, bn, warps, stages = _backward_config(q.dtype, block_d)
+    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     pre_bm = 32 if interpreting() else max(16, min(128, 8192 // block_d))
-    with _cuda_guard(q):
+    with device_guard(q):
         _lra_bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm), B * num_heads)](
             out, grad_out, grad_lse if has_dlse else delta, delta,
             *out.stride(), *grad_out.stride(),
@@ -402,21 +376,40 @@ def _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: fl
         _lra_bwd_dkdv_kernel[(triton.cdiv(M, bn), B * num_heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            num_heads, NQ, M, *_split_f32(qk_scale), *_split_f32(scale),
+            num_heads, NQ, M, *split_f32(qk_scale), *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
         _lra_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * num_heads)](
             q, k, v, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            num_heads, NQ, M, *_split_f32(qk_scale), *_split_f32(scale),
+            num_heads, NQ, M, *split_f32(qk_scale), *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts,
         )
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (PyTorch) paths: CPU without the interpreter
+# Reference
 # ---------------------------------------------------------------------------------------------
+def lowres_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                               scale: Optional[float] = None) -> torch.Tensor:
+    """The reference math: multi-head softmax attention, q (B, Nq, C), k/v (B, M, C) -> (B, Nq, C).
+
+    Channel ``c`` belongs to head ``c // (C // num_heads)``; scale defaults to head_dim ** -0.5.
+    """
+    B, Nq, C = q.shape
+    M = k.shape[1]
+    d = C // num_heads
+    if scale is None:
+        scale = d ** -0.5
+    qh = q.reshape(B, Nq, num_heads, d).transpose(1, 2)
+    kh = k.reshape(B, M, num_heads, d).transpose(1, 2)
+    vh = v.reshape(B, M, num_heads, d).transpose(1, 2)
+    attn = (qh @ kh.transpose(-2, -1)) * scale
+    attn = attn.softmax(dim=-1)
+    return (attn @ vh).transpose(1, 2).reshape(B, Nq, C)
+
+
 def _split_heads(t, num_heads):
     B, N, C = t.shape
     return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)  # (B, H, N, d)
@@ -427,16 +420,16 @@ def _merge_heads(t):
     return t.transpose(1, 2).reshape(B, N, H * d)
 
 
-def _fwd_reference(q, k, v, num_heads: int, scale: float):
-    out = ref_F.lowres_attention(q, k, v, num_heads, scale)
-    acc = _acc_dtype(q.dtype)
+def _forward_reference(q, k, v, num_heads: int, scale: float):
+    out = lowres_attention_reference(q, k, v, num_heads, scale)
+    acc = acc_dtype(q.dtype)
     s = (_split_heads(q, num_heads).to(acc) @ _split_heads(k, num_heads).to(acc).transpose(-2, -1)) * scale
     lse = torch.logsumexp(s, dim=-1)
     return out.contiguous(), lse.contiguous()
 
 
-def _bwd_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
-    acc = _acc_dtype(q.dtype)
+def _backward_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+    acc = acc_dtype(q.dtype)
     qh, kh, vh = (_split_heads(t, num_heads).to(acc) for t in (q, k, v))
     doh, oh = _split_heads(grad_out, num_heads).to(acc), _split_heads(out, num_heads).to(acc)
     p = torch.exp((qh @ kh.transpose(-2, -1)) * scale - lse.to(acc).unsqueeze(-1))
@@ -452,21 +445,21 @@ def _bwd_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale:
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops
+# Registration
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::lowres_attention", mutates_args=())
 def _lowres_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _fwd_triton(q, k, v, num_heads, scale)
-    return _fwd_reference(q, k, v, num_heads, scale)
+        return _forward_triton(q, k, v, num_heads, scale)
+    return _forward_reference(q, k, v, num_heads, scale)
 
 
 @_lowres_attention_op.register_fake
 def _(q, k, v, num_heads, scale):
     B, NQ, C = q.shape
     out = q.new_empty((B, NQ, C))
-    lse = q.new_empty((B, num_heads, NQ), dtype=_acc_dtype(q.dtype))
+    lse = q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype))
     return out, lse
 
 
@@ -476,8 +469,8 @@ def _lowres_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
                                   grad_lse: Optional[torch.Tensor], num_heads: int,
                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _bwd_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
-    return _bwd_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
+        return _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
+    return _backward_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
 
 
 @_lowres_attention_backward_op.register_fake
@@ -506,7 +499,7 @@ _lowres_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API
+# Public function
 # ---------------------------------------------------------------------------------------------
 def _validate(q, k, v, num_heads, scale) -> float:
     check_tensor(q, "q", ndim=3)

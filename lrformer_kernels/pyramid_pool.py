@@ -45,14 +45,14 @@ Off-GPU without ``TRITON_INTERPRET=1`` the ops run the PyTorch reference instead
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-import lrformer.functional as ref
-from lrformer_kernels._common import (FLOAT_DTYPES, HAS_TRITON, check_tensor, interpreting,
-                                      needs_int64, new_empty, use_kernel)
+from ._common import (FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
+                      needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -61,15 +61,15 @@ if HAS_TRITON:
 #: most grids one call can pool (the kernels take the grid sizes as scalar arguments).
 MAX_GRIDS = 8
 
-#: under TRITON_INTERPRET=1 use bigger blocks (fewer programs: the interpreter's cost is per
-#: program); the tests switch this off for one case to run the GPU block sizes too.
-_BIG_INTERPRETER_BLOCKS = True
+#: pyramid levels of the keys/values for a query pooled size of 16 (SPEC).
+BASE_PYRAMID = (11, 8, 6, 4)
 
-__all__ = ["pyramid_pool", "split_pyramid", "pyramid_total", "MAX_GRIDS"]
+__all__ = ["pyramid_pool", "pyramid_pool_reference", "split_pyramid", "pyramid_total", "pool_grid",
+           "pyramid_sizes", "lrsa_grids", "adaptive_avg_pool", "BASE_PYRAMID", "MAX_GRIDS"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -84,7 +84,7 @@ if HAS_TRITON:
         return gh, gw, c0, b0
 
     @triton.jit
-    def _pyramid_pool_fwd(
+    def _pyramid_pool_fwd_kernel(
         x_ptr, out_ptr,
         H, W, C, N_TOTAL, N_BLK, N_CB,
         sxb, sxh, sxw, sxc,
@@ -197,7 +197,7 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def _pyramid_pool_bwd(
+    def _pyramid_pool_bwd_kernel(
         g_ptr, gx_ptr,
         H, W, C, N_PB, N_CB,
         sgb, sgn, sgc,
@@ -256,7 +256,7 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------------------------
-# host side
+# Config
 # ----------------------------------------------------------------------------------------------
 def _pairs(grids: Sequence[int]) -> List[tuple]:
     return [(int(grids[2 * k]), int(grids[2 * k + 1])) for k in range(len(grids) // 2)]
@@ -276,34 +276,37 @@ def _grid_args(pairs) -> List[int]:
     return flat + [0, 0] * (MAX_GRIDS - len(pairs))
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _fwd_config(C: int, H: int, W: int, pairs):
+def _forward_config(C: int, H: int, W: int, pairs):
     """(BLOCK_CELLS, BLOCK_Q, BLOCK_C): tiles of cells x window pixels x channels, ~2K elements
     on a GPU (a 4-pixel step keeps ~4 KB of bf16 loads in flight per program and cuts the loop
     of a coarse grid's long windows 4x); much bigger under the interpreter, whose cost is per
     program and per op, not per element."""
-    block_c = min(_next_pow2(C), 64)
+    block_c = min(next_pow2(C), 64)
     max_cells = max(gh * gw for gh, gw in pairs)
     max_area = max(min(H, -(-H // gh) + 1) * min(W, -(-W // gw) + 1) for gh, gw in pairs)
-    if interpreting() and _BIG_INTERPRETER_BLOCKS:
-        return min(128, _next_pow2(max_cells)), min(16, _next_pow2(max_area)), block_c
-    block_q = min(4, _next_pow2(max_area))
-    block_cells = max(1, min(2048 // (block_c * block_q), 16, _next_pow2(max_cells)))
+    if big_interpreter_tiles():
+        return min(128, next_pow2(max_cells)), min(16, next_pow2(max_area)), block_c
+    block_q = min(4, next_pow2(max_area))
+    block_cells = max(1, min(2048 // (block_c * block_q), 16, next_pow2(max_cells)))
     return block_cells, block_q, block_c
 
 
-def _forward_kernel(x: Tensor, pairs) -> Tensor:
+def _backward_config(C: int, H: int, W: int):
+    """(BLOCK_P, BLOCK_C): pixels x channels per program, ~4K elements on a GPU."""
+    block_c = min(next_pow2(C), 64)
+    if big_interpreter_tiles():
+        return min(1024, next_pow2(H * W)), block_c
+    return max(4, min(64, 4096 // block_c, next_pow2(H * W))), block_c
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
+def _forward_triton(x: Tensor, pairs) -> Tensor:
     B, H, W, C = x.shape
     n_total = sum(gh * gw for gh, gw in pairs)
     out = new_empty((B, n_total, C), x.dtype, x.device)
-    block_cells, block_q, block_c = _fwd_config(C, H, W, pairs)
+    block_cells, block_q, block_c = _forward_config(C, H, W, pairs)
     args, cell0, blk0 = [], 0, 0
     for k, (gh, gw) in enumerate(pairs):
         args += [gh, gw] if k == 0 else [gh, gw, cell0, blk0]
@@ -312,64 +315,102 @@ def _forward_kernel(x: Tensor, pairs) -> Tensor:
     args += [0, 0, 0, 0] * (MAX_GRIDS - len(pairs))
     n_cb = triton.cdiv(C, block_c)
     grid = (B * n_cb * blk0,)
-    _pyramid_pool_fwd[grid](
-        x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
-        NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_Q=block_q, BLOCK_C=block_c,
-        ACC=_acc_dtype(x.dtype), INT64=needs_int64(x, out), num_warps=4,
-    )
+    with device_guard(x):
+        _pyramid_pool_fwd_kernel[grid](
+            x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
+            NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_Q=block_q, BLOCK_C=block_c,
+            ACC=tl_acc(x.dtype), INT64=needs_int64(x, out), num_warps=4,
+        )
     return out
 
 
-def _backward_kernel(grad: Tensor, pairs, H: int, W: int) -> Tensor:
+def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
     B, _, C = grad.shape
     gx = new_empty((B, H, W, C), grad.dtype, grad.device)
-    block_c = min(_next_pow2(C), 64)
-    if interpreting() and _BIG_INTERPRETER_BLOCKS:
-        block_p = min(1024, _next_pow2(H * W))
-    else:
-        block_p = max(4, min(64, 4096 // block_c, _next_pow2(H * W)))
+    block_p, block_c = _backward_config(C, H, W)
     n_cb = triton.cdiv(C, block_c)
     n_pb = triton.cdiv(H * W, block_p)
     grid = (B * n_pb * n_cb,)
-    _pyramid_pool_bwd[grid](
-        grad, gx, H, W, C, n_pb, n_cb, *grad.stride(), *_grid_args(pairs),
-        NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c,
-        ACC=_acc_dtype(grad.dtype), INT64=needs_int64(grad, gx), num_warps=4,
-    )
+    with device_guard(grad):
+        _pyramid_pool_bwd_kernel[grid](
+            grad, gx, H, W, C, n_pb, n_cb, *grad.stride(), *_grid_args(pairs),
+            NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c,
+            ACC=tl_acc(grad.dtype), INT64=needs_int64(grad, gx), num_warps=4,
+        )
     return gx
 
 
-def _reference_forward(x: Tensor, pairs) -> Tensor:
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def pool_grid(h: int, w: int, p: int) -> tuple[int, int]:
+    """Pooled grid of target size ``p`` for an ``h x w`` map, keeping the aspect ratio.
+
+    ``(p, round(w*p/h + 0.001))`` if ``w >= h`` else ``(round(h*p/w + 0.001), p)`` (Python round).
+    The grid may be larger than the map; adaptive average pooling then repeats pixels.
+    """
+    h, w, p = int(h), int(w), int(p)  # sizes arrive as tensors under torch.jit.trace
+    if h <= 0 or w <= 0 or p <= 0:
+        raise ValueError(f"pool_grid needs positive sizes, got h={h}, w={w}, p={p}")
+    if w >= h:
+        return p, max(1, round(w * p / h + 0.001))
+    return max(1, round(h * p / w + 0.001)), p
+
+
+def pyramid_sizes(q_size: int) -> tuple[int, ...]:
+    """Key/value pooled sizes for a query pooled size ``q_size``: (11, 8, 6, 4) for 16."""
+    return tuple(round(t * q_size / 16 + 0.001) for t in BASE_PYRAMID)
+
+
+def lrsa_grids(h: int, w: int, q_size: int = 16, kv_sizes: Optional[Sequence[int]] = None):
+    """All pooled grids of one LRSA: ``[query grid, kv grid 1, ..., kv grid 4]``."""
+    if kv_sizes is None:
+        kv_sizes = pyramid_sizes(q_size)
+    return [pool_grid(h, w, q_size)] + [pool_grid(h, w, p) for p in kv_sizes]
+
+
+def adaptive_avg_pool(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``F.adaptive_avg_pool2d`` on a tokens-last map: (B, H, W, C) -> (B, h, w, C)."""
+    return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), tuple(size)).permute(0, 2, 3, 1)
+
+
+def pyramid_pool_reference(x: Tensor, grids: Sequence[Sequence[int]]) -> Tensor:
+    """The reference math: ``x`` (B, H, W, C) pooled to every grid, cells concatenated
+    (B, sum(gh*gw), C), grid after grid, each row-major (the fused op's layout)."""
     B, C = x.shape[0], x.shape[3]
-    return torch.cat([p.reshape(B, -1, C) for p in ref.pyramid_pool(x, pairs)], 1)
+    return torch.cat([adaptive_avg_pool(x, g).reshape(B, -1, C) for g in grids], 1)
 
 
-def _reference_backward(grad: Tensor, pairs, H: int, W: int) -> Tensor:
+def _forward_reference(x: Tensor, pairs) -> Tensor:
+    return pyramid_pool_reference(x, pairs)
+
+
+def _backward_reference(grad: Tensor, pairs, H: int, W: int) -> Tensor:
     B, _, C = grad.shape
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    like = torch.empty((B, C, H, W), dtype=acc_dtype, device=grad.device)
-    gx = torch.zeros((B, H, W, C), dtype=acc_dtype, device=grad.device)
+    acc = acc_dtype(grad.dtype)
+    like = torch.empty((B, C, H, W), dtype=acc, device=grad.device)
+    gx = torch.zeros((B, H, W, C), dtype=acc, device=grad.device)
     start = 0
     for gh, gw in pairs:
-        g = grad[:, start:start + gh * gw].to(acc_dtype).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
+        g = grad[:, start:start + gh * gw].to(acc).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
         gx += torch.ops.aten._adaptive_avg_pool2d_backward(g, like).permute(0, 2, 3, 1)
         start += gh * gw
     return gx.to(grad.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# custom ops (opaque to torch.compile, differentiable, double-differentiable)
+# Registration
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::pyramid_pool", mutates_args=())
 def _pyramid_pool_op(x: Tensor, grids: List[int]) -> Tensor:
     pairs = _pairs(grids)
     if use_kernel(x):
-        return _forward_kernel(x, pairs)
-    return _reference_forward(x, pairs)
+        return _forward_triton(x, pairs)
+    return _forward_reference(x, pairs)
 
 
 @_pyramid_pool_op.register_fake
-def _pyramid_pool_fake(x: Tensor, grids: List[int]) -> Tensor:
+def _(x: Tensor, grids: List[int]) -> Tensor:
     B, _, _, C = x.shape
     return x.new_empty((B, pyramid_total(grids), C))
 
@@ -378,42 +419,41 @@ def _pyramid_pool_fake(x: Tensor, grids: List[int]) -> Tensor:
 def _pyramid_pool_backward_op(grad: Tensor, grids: List[int], height: int, width: int) -> Tensor:
     pairs = _pairs(grids)
     if use_kernel(grad):
-        return _backward_kernel(grad, pairs, height, width)
-    return _reference_backward(grad, pairs, height, width)
+        return _backward_triton(grad, pairs, height, width)
+    return _backward_reference(grad, pairs, height, width)
 
 
 @_pyramid_pool_backward_op.register_fake
-def _pyramid_pool_backward_fake(grad: Tensor, grids: List[int], height: int, width: int) -> Tensor:
+def _(grad: Tensor, grids: List[int], height: int, width: int) -> Tensor:
     B, _, C = grad.shape
     return grad.new_empty((B, height, width, C))
 
 
-def _fwd_setup(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, grids = inputs
     ctx.grids = list(grids)
     ctx.hw = (x.shape[1], x.shape[2])
 
 
-def _fwd_backward(ctx, grad):
+def _backward(ctx, grad):
     return _pyramid_pool_backward_op(grad, ctx.grids, ctx.hw[0], ctx.hw[1]), None
 
 
-def _bwd_setup(ctx, inputs, output):
+def _setup_context_backward_op(ctx, inputs, output):
     ctx.grids = list(inputs[1])
 
 
-def _bwd_backward(ctx, grad_gx):
+def _backward_backward_op(ctx, grad_gx):
     # the backward is linear in grad_out; its adjoint is the forward pool.
     return _pyramid_pool_op(grad_gx, ctx.grids), None, None, None
 
 
-torch.library.register_autograd("lrformer::pyramid_pool", _fwd_backward, setup_context=_fwd_setup)
-torch.library.register_autograd("lrformer::pyramid_pool_backward", _bwd_backward,
-                                setup_context=_bwd_setup)
+_pyramid_pool_op.register_autograd(_backward, setup_context=_setup_context)
+_pyramid_pool_backward_op.register_autograd(_backward_backward_op, setup_context=_setup_context_backward_op)
 
 
 # ----------------------------------------------------------------------------------------------
-# public API
+# Public function
 # ----------------------------------------------------------------------------------------------
 def _check_grids(grids) -> List[int]:
     if isinstance(grids, (str, bytes)) or not isinstance(grids, Sequence):

@@ -1,6 +1,6 @@
 """Fused ``x + scale[c] * keep[b] * bilinear(low -> x's size)`` (tokens-last), forward and backward.
 
-Reference math: :func:`lrformer.functional.upsample_residual` (``F.interpolate(mode="bilinear",
+Reference math: :func:`upsample_residual_reference` (``F.interpolate(mode="bilinear",
 align_corners=False)`` to an explicit output size).
 
 Forward: one memory-bound pass.  A program owns one output row ``(b, oh)``, a tile of output
@@ -26,32 +26,19 @@ from typing import Optional
 
 import torch
 
-from lrformer import functional as ref_F
-from lrformer_kernels._common import (HAS_TRITON, check_tensor, interpreting, needs_int64,
-                                      new_empty, use_kernel)
+import torch.nn.functional as F
+
+from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+                      new_empty, next_pow2, use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["upsample_residual"]
-
-
-#: Under the interpreter, use much bigger tiles (it pays per program and per loop step).  The tests
-#: switch this off for a few cases so the GPU tile configuration is exercised on CPU too.
-INTERP_BIG_TILES = True
-
-
-def _big_tiles() -> bool:
-    return INTERP_BIG_TILES and interpreting()
-
-
-def _np2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
+__all__ = ["upsample_residual", "upsample_residual_reference", "bilinear_resize", "branch_scale"]
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels
+# Kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -215,12 +202,30 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Config
 # ----------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _forward_config(npix: int, C: int):
+    """(BLOCK_P, BLOCK_C): ~2048-element tiles on a GPU, much bigger ones under the interpreter
+    (its cost is per program)."""
+    block_c = min(next_pow2(C), 64)
+    block_p = min(next_pow2(npix), max(16, (16384 if big_interpreter_tiles() else 2048) // block_c))
+    return block_p, block_c
 
 
+def _backward_config(H: int, W: int, w: int, C: int):
+    """(BLOCK_J, BLOCK_OW, BLOCK_C): low-res columns, output columns and channels per program."""
+    interp = big_interpreter_tiles()
+    block_c = min(next_pow2(C), 64 if interp else 32)
+    block_j = min(next_pow2(w), 16 if interp else 4)
+    # output columns touched by BLOCK_J low columns: about (BLOCK_J + 1) * W / w + 2
+    span = (block_j + 1) * W // w + 2
+    block_ow = max(2, min(next_pow2(span), 256 if interp else (64 if block_c <= 16 else 32)))
+    return block_j, block_ow, block_c
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------
 def _alloc_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """New dense tensor with x's shape and x's dimension order (by stride); NaN-poisonable."""
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
@@ -229,53 +234,48 @@ def _alloc_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf.permute(inv)
 
 
-def _launch_fwd(x, low, scale, keep, out):
+def _forward_triton(x, low, scale, keep, out):
     B, H, W, C = x.shape
     _, h, w, _ = low.shape
     npix = B * H * W
-    BLOCK_C = min(_np2(C), 64)
-    # ~2048-element tiles on a GPU; much bigger ones under the interpreter (per-program cost)
-    BLOCK_P = min(_np2(npix), max(16, (16384 if _big_tiles() else 2048) // BLOCK_C))
+    BLOCK_P, BLOCK_C = _forward_config(npix, C)
     grid = (triton.cdiv(npix, BLOCK_P), triton.cdiv(C, BLOCK_C))
     dummy = x
-    _upres_fwd_kernel[grid](
-        x, low, scale if scale is not None else dummy, keep if keep is not None else dummy, out,
-        npix, H, W, h, w, C,
-        *x.stride(), *low.stride(), *out.stride(),
-        scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
-        HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
-        FP64=x.dtype == torch.float64, INT64=needs_int64(x, low, out),
-        BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
-    )
+    with device_guard(x):
+        _upres_fwd_kernel[grid](
+            x, low, scale if scale is not None else dummy, keep if keep is not None else dummy, out,
+            npix, H, W, h, w, C,
+            *x.stride(), *low.stride(), *out.stride(),
+            scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
+            HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
+            FP64=x.dtype == torch.float64, INT64=needs_int64(x, low, out),
+            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
+        )
 
 
-def _launch_bwd(grad, low, scale, keep, need_dlow, need_dscale):
+def _backward_triton(grad, low, scale, keep, need_dlow, need_dscale):
     B, H, W, C = grad.shape
     _, h, w, _ = low.shape
-    interp = _big_tiles()
-    BLOCK_C = min(_np2(C), 64 if interp else 32)
-    BLOCK_J = min(_np2(w), 16 if interp else 4)
-    # output columns touched by BLOCK_J low columns: about (BLOCK_J + 1) * W / w + 2
-    span = (BLOCK_J + 1) * W // w + 2
-    BLOCK_OW = max(2, min(_np2(span), 256 if interp else (64 if BLOCK_C <= 16 else 32)))
+    BLOCK_J, BLOCK_OW, BLOCK_C = _backward_config(H, W, w, C)
     NJ = triton.cdiv(w, BLOCK_J)
-    acc = _acc_dtype(grad.dtype)
+    acc = acc_dtype(grad.dtype)
     dlow = new_empty(low.shape, low.dtype, low.device) if need_dlow else None
     part = new_empty((B * h * NJ, C), acc, low.device) if need_dscale else None
     grid = (B * h, NJ, triton.cdiv(C, BLOCK_C))
     dummy = low
-    _upres_bwd_kernel[grid](
-        grad, low, scale if scale is not None else dummy, keep if keep is not None else dummy,
-        dlow if dlow is not None else dummy, part if part is not None else dummy,
-        H, W, h, w, C, NJ,
-        *grad.stride(), *low.stride(), *(dlow.stride() if dlow is not None else low.stride()),
-        scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
-        HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
-        NEED_DLOW=need_dlow, NEED_DSCALE=need_dscale,
-        FP64=grad.dtype == torch.float64,
-        INT64=needs_int64(grad, low, *([dlow] if dlow is not None else [])),
-        BLOCK_J=BLOCK_J, BLOCK_OW=BLOCK_OW, BLOCK_C=BLOCK_C, num_warps=4,
-    )
+    with device_guard(grad):
+        _upres_bwd_kernel[grid](
+            grad, low, scale if scale is not None else dummy, keep if keep is not None else dummy,
+            dlow if dlow is not None else dummy, part if part is not None else dummy,
+            H, W, h, w, C, NJ,
+            *grad.stride(), *low.stride(), *(dlow.stride() if dlow is not None else low.stride()),
+            scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
+            HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
+            NEED_DLOW=need_dlow, NEED_DSCALE=need_dscale,
+            FP64=grad.dtype == torch.float64,
+            INT64=needs_int64(grad, low, *([dlow] if dlow is not None else [])),
+            BLOCK_J=BLOCK_J, BLOCK_OW=BLOCK_OW, BLOCK_C=BLOCK_C, num_warps=4,
+        )
     dscale = None
     if need_dscale:
         dscale = part.sum(0).to(scale.dtype)  # deterministic second-stage reduction
@@ -283,33 +283,63 @@ def _launch_bwd(grad, low, scale, keep, need_dlow, need_dscale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference (PyTorch) paths, used when no kernel can run (CPU without the interpreter)
+# Reference
 # ----------------------------------------------------------------------------------------------
-def _ref_fwd(x, low, scale, keep, out):
-    acc = _acc_dtype(x.dtype)
-    res = ref_F.upsample_residual(x.to(acc), low.to(acc),
-                                  None if scale is None else scale.to(acc),
-                                  None if keep is None else keep.to(acc))
+def bilinear_resize(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of a tokens-last map: (B, h, w, C) -> (B, H, W, C)."""
+    return F.interpolate(x.permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
+                         align_corners=False).permute(0, 2, 3, 1)
+
+
+def branch_scale(scale: Optional[torch.Tensor], keep: Optional[torch.Tensor], batch: int,
+                 channels: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The per-(sample, channel) factor ``layer_scale[c] * keep[b]`` as (B, 1, 1, C), or None."""
+    s = None
+    if scale is not None:
+        s = scale.reshape(1, 1, 1, channels).to(like.dtype)
+    if keep is not None:
+        kb = keep.reshape(batch, 1, 1, 1).to(like.dtype)
+        s = kb if s is None else s * kb
+    return s
+
+
+def upsample_residual_reference(x: torch.Tensor, low: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                                keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference math: ``x + scale[c] * keep[b] * bilinear(low -> x's size)``, tokens-last.
+
+    x (B, H, W, C) residual; low (B, h, w, C) low-resolution branch; scale (C,) layer scale or None;
+    keep (B,) drop-path factor (0 or 1/keep_prob per sample) or None.
+    """
+    B, H, W, C = x.shape
+    up = bilinear_resize(low, (H, W))
+    s = branch_scale(scale, keep, B, C, up)
+    return x + (up if s is None else up * s)
+
+
+def _forward_reference(x, low, scale, keep, out):
+    acc = acc_dtype(x.dtype)
+    res = upsample_residual_reference(x.to(acc), low.to(acc), None if scale is None else scale.to(acc),
+                                      None if keep is None else keep.to(acc))
     out.copy_(res)
 
 
-def _ref_bwd(grad, low, scale, keep, need_dlow, need_dscale):
+def _backward_reference(grad, low, scale, keep, need_dlow, need_dscale):
     B, H, W, C = grad.shape
     _, h, w, _ = low.shape
-    acc = _acc_dtype(grad.dtype)
+    acc = acc_dtype(grad.dtype)
     g = grad.to(acc)
     lo = low.to(acc)
     dlow = dscale = None
     if need_dlow:
-        s = ref_F.branch_scale(None if scale is None else scale.to(acc),
-                               None if keep is None else keep.to(acc), B, C, g)
+        s = branch_scale(None if scale is None else scale.to(acc),
+                         None if keep is None else keep.to(acc), B, C, g)
         gs = g if s is None else g * s
         d = torch.ops.aten.upsample_bilinear2d_backward(
             gs.permute(0, 3, 1, 2), [H, W], [B, C, h, w], False)
         dlow = new_empty(low.shape, low.dtype, low.device)
         dlow.copy_(d.permute(0, 2, 3, 1))
     if need_dscale:
-        up = ref_F.bilinear_resize(lo, (H, W))
+        up = bilinear_resize(lo, (H, W))
         if keep is not None:
             up = up * keep.to(acc).reshape(B, 1, 1, 1)
         dscale = new_empty((C,), scale.dtype, scale.device)
@@ -318,7 +348,7 @@ def _ref_bwd(grad, low, scale, keep, need_dlow, need_dscale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# Registration
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::upsample_residual", mutates_args=())
 def _upsample_residual_op(x: torch.Tensor, low: torch.Tensor, scale: Optional[torch.Tensor],
@@ -328,9 +358,9 @@ def _upsample_residual_op(x: torch.Tensor, low: torch.Tensor, scale: Optional[to
     else:
         out = new_empty(x.shape, x.dtype, x.device)
     if use_kernel(x):
-        _launch_fwd(x, low, scale, keep, out)
+        _forward_triton(x, low, scale, keep, out)
     else:
-        _ref_fwd(x, low, scale, keep, out)
+        _forward_reference(x, low, scale, keep, out)
     return out
 
 
@@ -352,9 +382,9 @@ def _upsample_residual_backward_op(grad: torch.Tensor, low: torch.Tensor,
     need_dscale = need_dscale and scale is not None
     if need_dlow or need_dscale:
         if use_kernel(grad):
-            dlow, dscale = _launch_bwd(grad, low, scale, keep, need_dlow, need_dscale)
+            dlow, dscale = _backward_triton(grad, low, scale, keep, need_dlow, need_dscale)
         else:
-            dlow, dscale = _ref_bwd(grad, low, scale, keep, need_dlow, need_dscale)
+            dlow, dscale = _backward_reference(grad, low, scale, keep, need_dlow, need_dscale)
     else:
         dlow = dscale = None
     if dlow is None:
@@ -401,7 +431,7 @@ _upsample_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API
+# Public function
 # ----------------------------------------------------------------------------------------------
 def upsample_residual(x: torch.Tensor, low: torch.Tensor, scale: Optional[torch.Tensor] = None,
                       keep: Optional[torch.Tensor] = None, *, out_like_x: bool = False

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import attention_baselines as AB
+from benchmarks import registry as R
 from benchmarks import sweeps as SW
 from benchmarks.__main__ import ATTN_FLOPS_COLUMNS, FLOPS_COLUMNS, TIMING_COLUMNS, run
 from benchmarks.flops import count_flops
@@ -60,7 +61,7 @@ def test_quick_sweep_end_to_end(quick_results):
             js = json.load(f)
         assert js["meta"]["device"] == meta["device"] and len(js["rows"]) == len(rows)
     _, ops = _csv(out / "ops.csv")
-    assert {r["name"] for r in ops} == set(SW.OPS)
+    assert {r["name"] for r in ops} == {n for n, e in R.OPS.items() if not e.cuda_stage1_only}
     assert all(int(r["bytes"]) > 0 and float(r["gbps"]) >= 0 for r in ops if r["impl"] == "eager")
     text = summarize(str(out))
     assert "### FLOPs" in text and "needs GPU" in text and "lrformer_t" in text
@@ -130,14 +131,14 @@ def test_sdpa_flops_counted_on_cpu_and_meta():
         assert count_flops(F.scaled_dot_product_attention, q, k, v).total == 2 * 4 * 10 * 7 * (16 + 8)
 
 
-@pytest.mark.parametrize("op", SW.OPS)
+@pytest.mark.parametrize("op", [n for n, e in R.OPS.items() if not e.cuda_stage1_only])
 @pytest.mark.parametrize("stage", [1, 3])
 def test_op_bytes_formula_forward(op, stage):
     """Forward bytes = the inputs' bytes + the output's bytes of the reference call."""
     cfg = SW.Config(device=torch.device("cpu"))
     h, w = AB.stage_map_size(96, 128, stage)
-    eager, _, inputs = SW._op_functions(op, stage, h, w)
+    eager, _, inputs = R.OPS[op].functions(stage, h, w)
     inp = inputs(cfg, 2, torch.float32, False, 0)
     out = eager(*inp)
     expect = tensor_bytes(inp) + tensor_bytes(out)
-    assert SW.op_bytes(op, 2, h, w, stage, 4, "fwd") == expect
+    assert R.OPS[op].bytes(2, h, w, stage, 4, "fwd") == expect

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lrformer.data import (MEAN, STD, DataError, SegDataset, StepBatchSampler, TrainTransform, find_pairs,
+from lrformer.engine.data import (MEAN, STD, DataError, SegDataset, StepBatchSampler, TrainTransform, find_pairs,
                            reduce_zero_label, rescale_size)
 from synthetic import COLOURS, make_ade20k, make_cityscapes
 

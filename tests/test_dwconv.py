@@ -1,4 +1,4 @@
-"""Fused depthwise 3x3 conv (lrformer_kernels.dwconv) vs the float64 reference (lrformer.functional)."""
+"""Fused depthwise 3x3 conv (lrformer_kernels.dwconv) vs the float64 reference (lrformer_kernels.dwconv3x3_reference)."""
 import itertools
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import TOL, devices, dtypes_for, rel_err
 
 import lrformer_kernels.dwconv as dw
-from lrformer import functional as ref
+from lrformer_kernels import REFERENCE as ref
 from lrformer_kernels.dwconv import dwconv3x3
 
 @pytest.fixture(autouse=True)
@@ -91,12 +91,12 @@ def test_forward_backward(device, dtype, case):
 def test_many_programs_and_chunks(device, dtype, gelu, monkeypatch):
     """Tiny tiles: several channel blocks with a ragged tail, many pixel programs, several chunks
     per backward program (partials reduced across programs) and int64 offsets."""
-    for key in list(dw._TILE_ELEMS):
-        monkeypatch.setitem(dw._TILE_ELEMS, key, 128)  # BLOCK_C 16 x BLOCK_P 8
-    for key in list(dw._MAX_BLOCK_C):
-        monkeypatch.setitem(dw._MAX_BLOCK_C, key, 16)
-    monkeypatch.setattr(dw, "_num_sms", lambda t: 1)
-    monkeypatch.setattr(dw, "_PROGRAMS_PER_SM", 6)
+    for key in list(dw.TILE_ELEMS):
+        monkeypatch.setitem(dw.TILE_ELEMS, key, 128)  # BLOCK_C 16 x BLOCK_P 8
+    for key in list(dw.MAX_BLOCK_C):
+        monkeypatch.setitem(dw.MAX_BLOCK_C, key, 16)
+    monkeypatch.setattr(dw, "num_sms", lambda device: 1)
+    monkeypatch.setattr(dw, "PROGRAMS_PER_SM", 6)
     # 24 pixels = 3 chunks, C = 40 = 3 channel blocks (ragged): 2 backward programs x 2 chunks each,
     # the last chunk entirely past the end.
     x, w, b = _inputs(2, 4, 3, 40, device, dtype, nchw=False, with_bias=True)

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lrformer
-from lrformer.data import normalize, resize_image
-from lrformer.evaluate import (confusion_matrix, format_table, metrics_from_confusion, predict_image,
+from lrformer.engine.data import normalize, resize_image
+from lrformer.engine.evaluate import (confusion_matrix, format_table, metrics_from_confusion, predict_image,
                                slide_inference, whole_inference)
 
 TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), head_channels=32, num_heads=(1, 2, 3, 4),

@@ -53,7 +53,7 @@ def cases():
 @pytest.mark.parametrize("size", [(32, 32), (40, 24), (37, 29)])
 def test_fused_matches_reference_fwd_bwd(device, dtype, tol, size):
     ref, fused = pair(device, dtype)
-    assert fused.fuse_report["Block -> FusedBlock"] == 7
+    assert fused.fuse_report["Block"] == 7
     ref.train()
     fused.train()
     x = torch.randn(2, 3, *size, device=device, dtype=dtype)
@@ -72,9 +72,9 @@ def test_fused_eval_and_create_model_fused():
     ref, _ = pair("cpu", torch.float64)
     model = lrformer.create_model("lrformer_t", num_classes=5, fused=True, **dict(SMALL, dropout=0.0))
     model.load_state_dict(ref.state_dict())
-    assert isinstance(model.backbone.block1[0], K.FusedBlock)
-    assert isinstance(model.decode_head.fuse_block2.attn, K.FusedLRSA)
-    assert isinstance(model.backbone.block2[0].mlp, K.FusedIRB)
+    assert model.backbone.block1[0].ops is K.FUSED
+    assert model.decode_head.fuse_block2.attn.ops is K.FUSED
+    assert model.backbone.block2[0].mlp.ops is K.FUSED
     assert set(model.state_dict()) == set(ref.state_dict())
     model, ref = model.double().eval(), ref.eval()
     x = torch.randn(1, 3, 27, 45, dtype=torch.float64)
@@ -82,6 +82,8 @@ def test_fused_eval_and_create_model_fused():
         assert rel_err(model(x), ref(x)) < 1e-10
     K.unfuse(model)
     assert type(model.backbone.block1[0]) is lrformer.Block and type(model.backbone.block1[0].attn) is lrformer.LRSA
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    assert model.backbone.block1[0].ops is K.REFERENCE
 
 
 def test_training_loss_curves_agree():
@@ -253,9 +255,9 @@ def test_fuse_released_code_structure():
     ref = ReleasedStyleModel().double().train()
     keys = list(ref.state_dict())
     fused = K.fuse(copy.deepcopy(ref))
-    assert fused.fuse_report == {"Block (PoolingAttention) -> FusedReleasedBlock": 3}
-    assert isinstance(fused.block1[0], K.FusedReleasedBlock)
-    assert isinstance(fused.fuse_block1, K.FusedReleasedBlock)
+    assert fused.fuse_report == {"PoolingAttention -> FusedPoolingAttention": 3, "IRB -> FusedIRB": 3}
+    assert isinstance(fused.block1[0].attn, K.FusedPoolingAttention)
+    assert isinstance(fused.fuse_block1.mlp, K.FusedIRB)
     assert list(fused.state_dict()) == keys
     x = torch.randn(2, 3, 36, 52, dtype=torch.float64)
     out_r, out_f = ref(x), fused(x)
@@ -266,7 +268,7 @@ def test_fuse_released_code_structure():
     errs = grad_errors(fused, ref)
     assert max(errs.values()) < 1e-9, max(errs, key=errs.get)
     K.unfuse(fused)
-    assert type(fused.block1[0]) is Block and type(fused.fuse_block1) is Block
+    assert type(fused.block1[0].attn) is PoolingAttention and type(fused.fuse_block1.mlp) is IRB
     fused.eval(), ref.eval()
     with torch.no_grad():
         assert rel_err(fused(x), ref(x)) < 1e-12

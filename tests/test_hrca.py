@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TOL, devices, dtypes_for, rel_err
-from lrformer import functional as ref_F
+import lrformer_kernels as ref_F
 from lrformer_kernels.hrca import _window_csr, hrca_attention
 
 MODES = ("atomic", "deterministic")
@@ -149,7 +149,7 @@ def test_lse_output(device):
     s = s.masked_fill(~valid[:, None], float("-inf"))
     assert lse.shape == (B, heads, Nq)
     assert rel_err(lse, torch.logsumexp(s, -1)) < max(TOL[dtype], 1e-6)
-    ref = ref_F.hrca_attention(q.double(), k.double(), v.double(), win, ws, heads, scale)
+    ref = ref_F.hrca_attention_reference(q.double(), k.double(), v.double(), win, ws, heads, scale)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -339,36 +339,38 @@ def test_gpu_style_tiling(monkeypatch):
     program, 2 of the 5 rows of a window per step."""
     import lrformer_kernels.hrca as H
     block_hb, block_r = 2, 2
-    real = H._config
+    real = H._tiles
 
     def config(dtype, num_heads, head_dim, window, backward=False):
         _, bd, _, bw, warps = real(dtype, num_heads, head_dim, window, backward)
         return block_hb, bd, block_r, bw, warps
 
-    monkeypatch.setattr(H, "_config", config)
+    monkeypatch.setattr(H, "_tiles", config)
     for mode in MODES:
         _check((1, 3, 12, 11, 3, 4, 5, 2, None, True, torch.int32, "nchw"), torch.float64, "cpu", mode)
 
 
 def test_benchmark_case():
-    """The op-level benchmark's HRCA case (CUDA-only in the sweep): its eager and fused functions
+    """The op-level benchmark's HRCA entry (CUDA-only in the sweep): its eager and fused functions
     agree (one window of a 16x16 map here), its byte/FLOP formulas, and it is listed only on CUDA."""
+    from benchmarks import registry as R
     from benchmarks import sweeps as SW
+    entry = R.OPS["hrca_attention"]
     h = w = 16
-    eager, fused, inputs = SW._op_functions(SW.HRCA_OP, 1, h, w)
+    eager, fused, inputs = entry.functions(1, h, w)
     cfg = SW.Config(device=torch.device("cpu"))
     q, kv, win = inputs(cfg, 1, torch.float64, False, 0)
-    n_win, k, keys = SW.hrca_dims(h, w)
-    assert (n_win, k, keys) == (4, 1, 64) and win.shape == (1, SW.HRCA["nq"], k)
+    n_win, k, keys = R.hrca_dims(h, w)
+    assert (n_win, k, keys) == (4, 1, 64) and win.shape == (1, R.HRCA["nq"], k)
     assert rel_err(fused(q, kv, win), eager(q, kv, win)) < TOL[torch.float64]   # (forward: time)
     # 128x128 map (512 image): 256 windows, 8 per query, 512 keys; 100 queries select nearly all
-    n_win, k, keys = SW.hrca_dims(128, 128)
+    n_win, k, keys = R.hrca_dims(128, 128)
     assert (n_win, k, keys) == (256, 8, 512)
-    C, nq = SW.HRCA["C"], SW.HRCA["nq"]
-    fwd = SW.op_bytes(SW.HRCA_OP, 2, 128, 128, 1, 2, "fwd")
+    C, nq = R.HRCA["C"], R.HRCA["nq"]
+    fwd = entry.bytes(2, 128, 128, 1, 2, "fwd")
     u = round(2 * 256 * (1 - (1 - 8 / 256) ** 100))
     assert fwd == (2 * 2 * nq * C + 2 * u * 64 * C) * 2 + 8 * 2 * nq * 8
-    assert SW.op_bytes(SW.HRCA_OP, 2, 128, 128, 1, 2, "fwd+bwd") > 2 * fwd
-    assert SW.op_matmul_flops(SW.HRCA_OP, 2, 128, 128, 1, "fwd") == 2 * (2 * 2 * nq * 512 * C)
+    assert entry.bytes(2, 128, 128, 1, 2, "fwd+bwd") > 2 * fwd
+    assert entry.flops(2, 128, 128, 1, "fwd") == 2 * (2 * 2 * nq * 512 * C)
     names = lambda dev: {c.key["name"] for c in SW.op_cases(SW.default_config(torch.device(dev), quick=True))}  # noqa: E731
-    assert SW.HRCA_OP in names("cuda") and SW.HRCA_OP not in names("cpu")
+    assert "hrca_attention" in names("cuda") and "hrca_attention" not in names("cpu")

@@ -1,8 +1,8 @@
-"""The HRCA reference (lrformer.functional.hrca_attention) against a direct per-query loop."""
+"""The HRCA reference (lrformer_kernels.hrca_attention_reference) against a direct per-query loop."""
 import pytest
 import torch
 
-from lrformer import functional as LF
+import lrformer_kernels as LF
 
 
 @pytest.mark.parametrize("H,W,ws", [(13, 10, 4), (8, 8, 4), (9, 5, 3), (4, 7, 8)])
@@ -52,18 +52,18 @@ def test_hrca_attention_direct(B, Nq, C, heads, H, W, ws, K):
     gh, gw = LF.hrca_window_grid(H, W, ws)
     idx = torch.stack([torch.stack([torch.randperm(gh * gw, generator=g)[:K] for _ in range(Nq)])
                        for _ in range(B)])
-    out = LF.hrca_attention(q, k, v, idx, ws, heads)
+    out = LF.hrca_attention_reference(q, k, v, idx, ws, heads)
     torch.testing.assert_close(out, _direct(q, k, v, idx, ws, heads), rtol=1e-12, atol=1e-12)
     # all windows selected == plain global cross-attention over the map
     full = torch.arange(gh * gw).expand(B, Nq, gh * gw)
-    torch.testing.assert_close(LF.hrca_attention(q, k, v, full, ws, heads),
-                               LF.lowres_attention(q, k.reshape(B, H * W, C), v.reshape(B, H * W, C), heads),
+    torch.testing.assert_close(LF.hrca_attention_reference(q, k, v, full, ws, heads),
+                               LF.lowres_attention_reference(q, k.reshape(B, H * W, C), v.reshape(B, H * W, C), heads),
                                rtol=1e-12, atol=1e-12)
 
 
 def test_hrca_attention_bad_index():
     q, k = torch.randn(1, 2, 4), torch.randn(1, 5, 5, 4)
     with pytest.raises(ValueError, match="win_idx"):
-        LF.hrca_attention(q, k, k, torch.tensor([[[0], [4]]]), 4, 1)
+        LF.hrca_attention_reference(q, k, k, torch.tensor([[[0], [4]]]), 4, 1)
     with pytest.raises(ValueError, match="positive"):
         LF.hrca_window_grid(5, 5, 0)

@@ -1,11 +1,11 @@
-"""Hungarian matching, point sampling and the set criterion (lrformer.matching) against direct formulas."""
+"""Hungarian matching, point sampling and the set criterion (lrformer.decoders.matching) against direct formulas."""
 import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from lrformer.matching import (HungarianMatcher, SetCriterion, dice_loss, hungarian, pairwise_dice,
+from lrformer.decoders.matching import (HungarianMatcher, SetCriterion, dice_loss, hungarian, pairwise_dice,
                                pairwise_sigmoid_ce, point_sample, semantic_targets, sigmoid_ce_loss,
                                uncertain_point_coords)
 

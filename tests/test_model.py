@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lrformer
-from lrformer import functional as LF
+import lrformer_kernels as LF
 
 SHARED = os.environ.get("LRFORMER_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 KEYS_FILE = os.path.join(SHARED, "official_state_dict_keys.json")

@@ -1,9 +1,12 @@
-"""Multi-scale deformable attention and the pixel decoder (lrformer.msdeform) against direct formulas."""
+"""Multi-scale deformable attention and the pixel decoder (lrformer.decoders.msdeform) against direct formulas."""
 import math
 
+import pytest
 import torch
 
-from lrformer.msdeform import (MSDeformAttn, MSDeformPixelDecoder, encoder_reference_points, ms_deform_attn,
+from lrformer.decoders.faseg import FASegPixelDecoder
+from lrformer.decoders.mask2former import PixelDecoder
+from lrformer.decoders.msdeform import (MSDeformAttn, encoder_reference_points, ms_deform_attn,
                                sine_position_encoding)
 
 
@@ -83,7 +86,7 @@ def test_sine_position_encoding_formula():
     pos = sine_position_encoding(2, 3, 5, 8, dtype=torch.float64)
     assert pos.shape == (2, 8, 3, 5)
     i, j = 2, 4
-    y, x = (i + 0.5) / (3 + 1e-6) * 2 * math.pi, (j + 0.5) / (5 + 1e-6) * 2 * math.pi
+    y, x = (i + 1) / (3 + 1e-6) * 2 * math.pi, (j + 1) / (5 + 1e-6) * 2 * math.pi   # mmdet: offset 0
     expect = []
     for t in (y, x):
         for k in range(2):      # pairs (sin, cos) at frequency 10000 ** (2k / 4)
@@ -92,18 +95,25 @@ def test_sine_position_encoding_formula():
     torch.testing.assert_close(pos[1, :, i, j], torch.tensor(expect, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
-def test_pixel_decoder_shapes_and_grads():
+@pytest.mark.parametrize("kind", ["mmdet", "faseg"])
+def test_pixel_decoder_shapes_and_grads(kind):
     torch.manual_seed(0)
     chans = (8, 12, 16, 20)
-    dec = MSDeformPixelDecoder(chans, dim=16, layers=2, heads=2, points=2, ffn_dim=32)
+    if kind == "mmdet":
+        dec = PixelDecoder(chans, dim=32, layers=2, heads=2, points=2, ffn_dim=32)
+    else:
+        dec = FASegPixelDecoder(chans, dim=32, layers=2, heads=2, points=2, ffn_dim=32)
     sizes = [(19, 13), (10, 7), (5, 4), (3, 2)]       # odd sizes as an odd image gives
     feats = [torch.randn(2, c, h, w) for c, (h, w) in zip(chans, sizes)]
-    mask_features, ms = dec(feats)
-    assert mask_features.shape == (2, 16, 19, 13)
-    assert [tuple(m.shape) for m in ms] == [(2, 16, 3, 2), (2, 16, 5, 4), (2, 16, 10, 7)]
-    (mask_features.square().mean() + sum(m.square().mean() for m in ms)).backward()
-    # level_embed enters only through the zero-initialised offset/weight projections: its gradient
-    # exists but is 0 at initialisation; every other parameter gets a non-zero one
+    out = dec(feats)
+    mask_features, ms = out[0], out[1]
+    assert mask_features.shape == (2, 32, 19, 13)
+    expect = [(2, 32, 3, 2), (2, 32, 5, 4), (2, 32, 10, 7)] + ([(2, 32, 19, 13)] if kind == "faseg" else [])
+    assert [tuple(m.shape) for m in ms] == expect
+    loss = mask_features.square().mean() + sum(m.square().mean() for m in ms)
+    if kind == "faseg":                              # the 4 positional encodings (res2's: only for HRCA)
+        assert [tuple(p.shape) for p in out[2]] == [(2, 32, 3, 2), (2, 32, 5, 4), (2, 32, 10, 7), (2, 32, 19, 13)]
+        loss = loss + sum(p.square().mean() for p in out[2])
+    loss.backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None]
-    zero = [n for n, p in dec.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0]
-    assert not missing and zero == ["level_embed"], (missing, zero)
+    assert not missing, missing

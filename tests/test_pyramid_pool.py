@@ -1,10 +1,11 @@
-"""pyramid_pool: the fused multi-grid adaptive average pool vs lrformer.functional (float64)."""
+"""pyramid_pool: the fused multi-grid adaptive average pool vs its reference (float64)."""
 import importlib
 
 import pytest
 import torch
 
-import lrformer.functional as F
+import lrformer_kernels as F
+import lrformer_kernels._common as common
 from conftest import TOL, devices, dtypes_for, rel_err
 from lrformer_kernels._common import use_kernel
 from lrformer_kernels.pyramid_pool import pyramid_pool, split_pyramid
@@ -45,8 +46,7 @@ def make_input(B, H, W, C, layout, dtype, device):
 
 
 def reference(x, grids):
-    B, C = x.shape[0], x.shape[3]
-    return torch.cat([p.reshape(B, -1, C) for p in F.pyramid_pool(x, grids)], 1)
+    return F.pyramid_pool_reference(x, grids)
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def kernel_only(monkeypatch):
     """Fail if the op falls back to the PyTorch reference instead of running the kernel."""
     def boom(*a, **k):
         raise AssertionError("reference path taken instead of the Triton kernel")
-    monkeypatch.setattr(pp, "_reference_forward", boom)
-    monkeypatch.setattr(pp, "_reference_backward", boom)
+    monkeypatch.setattr(pp, "_forward_reference", boom)
+    monkeypatch.setattr(pp, "_backward_reference", boom)
 
 
 # (B, H, W, C, grids, layout)
@@ -106,9 +106,9 @@ def test_forward_backward(case, device, kernel_only):
 def test_gpu_block_sizes(device, kernel_only, monkeypatch):
     """The block sizes a GPU uses (several cell blocks per grid, pixel blocks of 64) also under
     the interpreter, which otherwise uses bigger blocks to keep the tests fast."""
-    monkeypatch.setattr(pp, "_BIG_INTERPRETER_BLOCKS", False)
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     grids = [(4, 4), (3, 5), (12, 20), (1, 1), (5, 2)]
-    assert pp._fwd_config(70, 9, 10, grids)[0] < 12 * 20      # really several cell blocks per grid
+    assert pp._forward_config(70, 9, 10, grids)[0] < 12 * 20      # really several cell blocks per grid
     for dtype in dtypes_for(device):
         _run_case(1, 9, 10, 70, grids, "sliced", device, dtype)
 
@@ -139,7 +139,7 @@ def test_split_pyramid(device):
     x = make_input(2, 6, 5, 7, "contig", dtypes_for(device)[0], device)
     out = pyramid_pool(x, grids)
     views = split_pyramid(out, grids)
-    for v, r, (gh, gw) in zip(views, F.pyramid_pool(x.double(), grids), grids):
+    for v, r, (gh, gw) in zip(views, [F.adaptive_avg_pool(x.double(), g) for g in grids], grids):
         assert v.shape == (2, gh, gw, 7)
         assert v.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
         assert rel_err(v, r) < TOL[x.dtype]
@@ -178,7 +178,7 @@ def test_torch_compile(mode, monkeypatch):
             return split_pyramid(pyramid_pool(x, grids), grids)
 
         def f_ref(x):
-            return F.pyramid_pool(x, grids)
+            return [F.adaptive_avg_pool(x, g) for g in grids]
     else:
         backend = "aot_eager"
 

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 import lrformer
-from lrformer import evaluate as lr_evaluate
-from lrformer import predict as lr_predict
-from lrformer import train as lr_train
-from lrformer.data import SegDataset, palette_for
-from lrformer.evaluate import confusion_matrix, metrics_from_confusion
+from lrformer.engine import cli as lr_cli
+from lrformer.engine import recipes as lr_recipes
+from lrformer.engine import evaluate as lr_evaluate
+from lrformer.engine import predict as lr_predict
+from lrformer.engine import train as lr_train
+from lrformer.engine.data import SegDataset, palette_for
+from lrformer.engine.evaluate import confusion_matrix, metrics_from_confusion
 from synthetic import make_ade20k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,7 @@ def trained(data, tmp_path_factory):
 def test_param_groups_rule():
     model = lrformer.create_model("lrformer_t", num_classes=4, **{k: tuple(v) if isinstance(v, list) else v
                                                                   for k, v in TINY.items()})
-    groups = lr_train.param_groups(model, weight_decay=0.01, head_lr_mult=10)
+    groups = lr_recipes.param_groups(model, weight_decay=0.01, head_lr_mult=10)
     by_id = {id(p): g for g in groups for p in g["params"]}
     names = dict(model.named_parameters())
     assert len(by_id) == len(names) == sum(len(g["params"]) for g in groups)   # each parameter once
@@ -77,7 +79,7 @@ def test_sync_batchnorm_conversion_keeps_model_math():
     """The head's BatchNorms become standard SyncBatchNorm (same keys), which the blocks' tokens-last
     BatchNorm path recognises: without a process group it computes exactly what the plain model does,
     forward and backward."""
-    from lrformer.distributed import convert_sync_batchnorm
+    from lrformer.engine.distributed import convert_sync_batchnorm
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
     torch.manual_seed(0)
     kw["drop_path_rate"] = 0.0
@@ -154,13 +156,13 @@ def test_predict_writes_palette_pngs(trained, data, tmp_path):
                                   "--overlay", "0.5", "--device", "cpu"])
     assert [os.path.basename(p) for p in out] == ["validation_0000.png", "validation_0001.png"]
     palette = palette_for("ade20k", 4)
-    model = lr_train.load_trained(lr_predict.build_parser().parse_args(imgs[:1] + ["--checkpoint", "x"]),
+    model = lr_cli.load_trained(lr_predict.build_parser().parse_args(imgs[:1] + ["--checkpoint", "x"]),
                                   os.path.join(wd, "latest.pth")).eval()
     for img_path, p in zip(imgs, out):
         mask = Image.open(p)
         assert mask.mode == "P" and mask.size == (64, 64)
         ids = np.asarray(mask)
-        x = lrformer.data.normalize(lrformer.data.read_image(img_path))[None]
+        x = lrformer.engine.data.normalize(lrformer.engine.data.read_image(img_path))[None]
         assert np.array_equal(ids, model.predict(x)[0].numpy())
         rgb = np.asarray(mask.convert("RGB"))
         for k in np.unique(ids):
@@ -208,7 +210,7 @@ DDP_SCRIPT = textwrap.dedent("""
             fh.write(str(f) + "\\n")
         return _save(obj, f, *a, **k)
     torch.save = recording_save
-    from lrformer import train
+    from lrformer.engine import train
     res = train.main(sys.argv[1:])
     torch.save = _save
     _save({"state_dict": res["model"].state_dict(), "mIoU": res["eval"]["mIoU"], "step": res["step"],
@@ -281,26 +283,26 @@ def test_trainer_bad_data_names_file(data, tmp_path):
     shutil.copytree(data, root)
     label = os.path.join(root, "annotations", "training", "training_0005.png")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(label)
-    with pytest.raises(lrformer.data.DataError, match="training_0005.png"):
+    with pytest.raises(lrformer.engine.data.DataError, match="training_0005.png"):
         lr_train.main(tiny_args(root, str(tmp_path / "run"), 20, "--batch-size", "4", "--eval-interval", "0",
                                 "--log-interval", "100", "--ratio-range", "1.0", "1.0"))
 
 
-TINY_PLUS = {"embed_dims": [16, 32, 40, 48], "depths": [1, 1, 1, 1], "hidden_dim": 32, "num_queries": 6,
-             "dec_layers": 4, "enc_layers": 1, "dec_heads": 2, "enc_heads": 2, "enc_points": 2, "dec_ffn": 64,
-             "enc_ffn": 64, "train_num_points": 256}
+TINY_QUERY = {"embed_dims": [16, 32, 40, 48], "depths": [1, 1, 1, 1], "hidden_dim": 32, "num_queries": 6,
+              "dec_layers": 4, "enc_layers": 1, "train_num_points": 256}
 
 
-def test_query_decoder_trains_resumes_and_evaluates(data, tmp_path):
-    """``--decoder query`` trains LRFormer+ through the same trainer: finite losses, exact resume, and
-    ``evaluate`` rebuilds the LRFormer+ model from the checkpoint's meta alone."""
-    common = ["--decoder", "query", "--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "2",
+@pytest.mark.parametrize("model", ["lrformer_t_plus", "lrformer_t_faseg"])
+def test_query_decoder_trains_resumes_and_evaluates(data, tmp_path, model):
+    """The query-decoder families train through the same trainer: finite losses, exact resume, and
+    ``evaluate`` rebuilds the model from the checkpoint's meta alone."""
+    common = ["--model", model, "--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "2",
               "--log-interval", "1", "--save-interval", "100", "--eval-interval", "0", "--seed", "5"]
-    straight = lr_train.main(tiny_args(data, str(tmp_path / "a"), 4, *common, kwargs=TINY_PLUS))
-    assert type(straight["model"]).__name__ == "LRFormerPlusSegmentor"
+    straight = lr_train.main(tiny_args(data, str(tmp_path / "a"), 4, *common, kwargs=TINY_QUERY))
+    assert type(straight["model"]).__name__ == "QuerySegmentor"
     wd = str(tmp_path / "b")
-    lr_train.main(tiny_args(data, wd, 4, *common, "--stop-after", "2", kwargs=TINY_PLUS))
-    resumed = lr_train.main(tiny_args(data, wd, 4, *common, "--resume", "auto", kwargs=TINY_PLUS))
+    lr_train.main(tiny_args(data, wd, 4, *common, "--stop-after", "2", kwargs=TINY_QUERY))
+    resumed = lr_train.main(tiny_args(data, wd, 4, *common, "--resume", "auto", kwargs=TINY_QUERY))
     assert resumed["step"] == 4
     sa, sb = straight["model"].state_dict(), resumed["model"].state_dict()
     for k in sa:
@@ -308,15 +310,82 @@ def test_query_decoder_trains_resumes_and_evaluates(data, tmp_path):
     losses = [json.loads(x)["loss"] for x in open(tmp_path / "a" / "log.jsonl") if "loss" in json.loads(x)]
     assert len(losses) == 4 and all(np.isfinite(losses))
     ckpt = torch.load(tmp_path / "a" / "latest.pth", weights_only=False)
-    assert ckpt["meta"]["model"] == "lrformer_t_plus" and ckpt["meta"]["decoder"] == "query"
+    assert ckpt["meta"]["model"] == model
     res = lr_evaluate.main(["--data", data, "--checkpoint", str(tmp_path / "a" / "latest.pth"), "--device", "cpu",
                             "--test-scale", "0", "0", "--workers", "0"])
     assert 0.0 <= res["mIoU"] <= 1.0
 
 
-def test_decoder_option_resolution():
-    assert lr_train.resolve_decoder("lrformer_s", "query") == ("query", "lrformer_s_plus")
-    assert lr_train.resolve_decoder("lrformer_s_plus", None) == ("query", "lrformer_s_plus")
-    assert lr_train.resolve_decoder("lrformer_s", None) == ("lrhead", "lrformer_s")
-    with pytest.raises(ValueError, match="query decoder"):
-        lr_train.resolve_decoder("lrformer_s_plus", "lrhead")
+# ----------------------------------------------------------------------------------------------- recipes
+def _rule(model_name, rule):
+    with torch.device("meta"):
+        model = lrformer.create_model(model_name)
+    groups = lr_recipes.param_groups(model, 0.05, 1.0, 0.1, rule)
+    return {n: (g["lr_mult"], g["weight_decay"]) for g in groups for n in g["names"]}
+
+
+def test_plus_parameter_groups_follow_the_released_custom_keys():
+    g = _rule("lrformer_t_plus", "plus")
+    assert g["backbone.patch_embed1.norm.weight"] == (0.1, 0.0)          # custom key: decay 0
+    assert g["backbone.block1.0.norm1.weight"] == (0.1, 0.0)
+    assert g["backbone.block3.2.attn.norm.bias"] == (0.1, 0.0)
+    assert g["backbone.patch_embed1.conv1.1.weight"] == (0.1, 0.05)      # stem BN: matches only 'backbone'
+    assert g["backbone.block3.0.layer_scale_1"] == (0.1, 0.05)
+    assert g["backbone.block1.0.attn.q.0.weight"] == (0.1, 0.05)
+    for n in ("decode_head.query_embed.weight", "decode_head.query_feat.weight", "decode_head.level_embed.weight"):
+        assert g[n] == (1.0, 0.0), n
+    assert g["decode_head.pixel_decoder.level_encoding.weight"] == (1.0, 0.05)   # matches no key
+    assert g["decode_head.pixel_decoder.input_convs.0.gn.weight"] == (1.0, 0.0)  # head norms: norm_decay_mult 0
+    assert g["decode_head.transformer_decoder.layers.0.norms.2.bias"] == (1.0, 0.0)
+    assert g["decode_head.cls_embed.bias"] == (1.0, 0.05)
+
+
+def test_faseg_parameter_groups():
+    g = _rule("lrformer_t_faseg", "faseg")
+    assert g["backbone.patch_embed1.conv1.1.weight"] == (0.1, 0.0)       # every norm layer: decay 0
+    assert g["backbone.block3.0.layer_scale_1"] == (0.1, 0.05)
+    assert g["decode_head.predictor.query_embed.weight"] == (1.0, 0.0)   # nn.Embedding: decay 0
+    assert g["decode_head.predictor.level_embed.weight"] == (1.0, 0.0)
+    assert g["decode_head.pixel_decoder.transformer.level_embed"] == (1.0, 0.05)   # a Parameter, not Embedding
+    assert g["decode_head.pixel_decoder.layer_1.norm.weight"] == (1.0, 0.0)
+    assert g["decode_head.predictor.adapt_pos2d.0.weight"] == (1.0, 0.05)
+
+
+@pytest.mark.parametrize("model,expect", [
+    ("lrformer_t_plus", ["lr 0.0001", "weight_decay 0.05", "lr x0.1", "poly power 0.9", "warm-up 0 iterations",
+                         "global L2 norm 0.01", "batch 16", "shortest edge from {256..1024}", "cat_max_ratio 0.75",
+                         "pad to a multiple of 32"]),
+    ("lrformer_s_plus", ["global L2 norm 0.1", "batch 32"]),
+    ("lrformer_t_faseg", ["lr 0.0001", "weight_decay 0.05", "lr x0.1", "poly power 0.9", "global L2 norm 0.01",
+                          "batch 16", "shortest edge from {256..1024}", "pad image 128"]),
+    ("lrformer_t", ["lr 6e-05", "weight_decay 0.01", "lr x10", "poly power 1 ", "warm-up 1500", "clipping: off",
+                    "random resize x0.5..2"]),
+])
+def test_print_config_shows_the_released_recipe(model, expect, capsys, tmp_path):
+    lr_train.main(["--data", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--model", model, "--print-config"])
+    text = capsys.readouterr().out
+    for e in expect:
+        assert e in text, (e, text)
+    assert not os.path.exists(tmp_path / "w")                            # printed and exited
+
+
+def test_flags_override_the_recipe(capsys, tmp_path):
+    lr_train.main(["--data", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--model", "lrformer_t_plus",
+                   "--print-config", "--lr", "3e-4", "--clip-grad", "0", "--resize", "ratio"])
+    text = capsys.readouterr().out
+    assert "lr 0.0003" in text and "clipping: off" in text and "random resize" in text
+
+
+def test_short_edge_resize_and_raw_pad():
+    from lrformer.engine.data import MEAN, STD, TrainTransform
+    rng = np.random.default_rng(0)
+    t = TrainTransform(crop_size=(600, 600), resize="short_edge", short_edges=(300,), max_long=2048,
+                       cat_max_ratio=1.0, photometric=False, pad_value=128)
+    img = np.full((100, 150, 3), 7, np.uint8)
+    lab = np.zeros((100, 150), np.uint8)
+    x, y = t(img, lab, rng)
+    assert x.shape == (3, 600, 600) and (y[:300, :450] == 0).all() and (y[300:] == 255).all()
+    torch.testing.assert_close(x[:, 450, 500], torch.from_numpy((128 - MEAN) / STD))
+    t2 = TrainTransform(crop_size=(50, 50), resize="short_edge", short_edges=(100,), max_long=120)
+    x2, _ = t2(np.zeros((100, 300, 3), np.uint8), np.zeros((100, 300), np.uint8), rng)
+    assert x2.shape == (3, 50, 50)                                       # long edge capped: 40x120 -> padded

@@ -8,7 +8,7 @@ import torch
 import lrformer_kernels._common as common
 
 from conftest import TOL, devices, dtypes_for, rel_err
-from lrformer import functional as ref_F
+import lrformer_kernels as ref_F
 from lrformer_kernels.upsample_residual import upsample_residual
 
 # the module itself (the package re-exports a function of the same name)
@@ -74,7 +74,7 @@ def _run_and_check(case, device, dtype, with_scale, keep_mode, nchw_x, strided_l
     lr = low.detach().double().requires_grad_(True)
     sr = scale.detach().double().requires_grad_(True) if scale is not None else None
     kr = keep.double() if keep is not None else None
-    ref = ref_F.upsample_residual(xr, lr, sr, kr)
+    ref = ref_F.upsample_residual_reference(xr, lr, sr, kr)
     rinputs = [xr, lr] + ([sr] if sr is not None else [])
     rgrads = torch.autograd.grad(ref, rinputs, g.double())
 
@@ -137,7 +137,7 @@ def test_out_like_x_layout(device):
     low = torch.randn(2, 3, 4, 5, device=device, dtype=dtype)
     out = upsample_residual(xt, low, out_like_x=True)
     assert out.stride() == xt.stride()
-    ref = ref_F.upsample_residual(xt.double(), low.double())
+    ref = ref_F.upsample_residual_reference(xt.double(), low.double())
     assert rel_err(out, ref) < TOL[dtype]
     out2 = upsample_residual(xt, low)
     assert out2.is_contiguous()
@@ -188,7 +188,7 @@ def test_torch_compile_fullgraph(device):
 def test_gpu_tiles_and_int64(device, monkeypatch):
     """The GPU tile sizes (several low-column tiles per row, several channel tiles) and the
     int64-offset code path, run on the interpreter too."""
-    monkeypatch.setattr(mod, "INTERP_BIG_TILES", False)
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     for dtype in dtypes_for(device):
         _run_and_check((1, (3, 6), (7, 70), 40), device, dtype, True, "rand", False, True)
         monkeypatch.setattr(mod, "needs_int64", lambda *t: True)
@@ -205,7 +205,7 @@ def test_partial_grads(device):
     scale = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
     keep = torch.tensor([2.0, 0.5], device=device, dtype=dtype)
     g = torch.randn(2, 9, 7, 6, device=device, dtype=dtype)
-    ref = ref_F.upsample_residual(x.double(), low.double(), scale.double(), keep.double())
+    ref = ref_F.upsample_residual_reference(x.double(), low.double(), scale.double(), keep.double())
     (ds,) = torch.autograd.grad(upsample_residual(x, low, scale, keep), (scale,), g)
     (rds,) = torch.autograd.grad(ref, (scale,), g.double())
     assert rel_err(ds, rds) < TOL[dtype]
@@ -214,7 +214,7 @@ def test_partial_grads(device):
     sc = scale.detach()
     (dl,) = torch.autograd.grad(upsample_residual(x, low, sc, keep), (low,), g)
     lr = low.detach().double().requires_grad_(True)
-    ref2 = ref_F.upsample_residual(x.double(), lr, sc.double(), keep.double())
+    ref2 = ref_F.upsample_residual_reference(x.double(), lr, sc.double(), keep.double())
     (rdl,) = torch.autograd.grad(ref2, (lr,), g.double())
     assert rel_err(dl, rdl) < TOL[dtype]
 

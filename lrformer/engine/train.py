@@ -2,18 +2,19 @@
 
 Single process::
 
-    python -m lrformer.train --data data/ade/ADEChallengeData2016 --dataset ade20k --model lrformer_t \
+    python -m lrformer.engine.train --data data/ade/ADEChallengeData2016 --dataset ade20k --model lrformer_t \
         --pretrained lrformer_t_imagenet.pth --work-dir runs/t_ade
 
 Several GPUs / nodes: the same arguments under ``torchrun`` (DDP, SyncBatchNorm in the head,
 one shard of every batch per rank; ``--batch-size`` is the total over all ranks)::
 
-    torchrun --nproc_per_node 8 -m lrformer.train --data ... --work-dir runs/t_ade
+    torchrun --nproc_per_node 8 -m lrformer.engine.train --data ... --work-dir runs/t_ade
 
-Defaults = the paper's recipe: AdamW (lr 6e-5, weight decay 0.01, head lr x10, no decay on norm
-layers and layer scales), linear warmup over 1500 iterations (from 1e-6 x lr) then poly decay (power
-1, min lr 0), 160k iterations of batch 16, random resize 0.5-2.0 of 2048x512 (ADE20K) / 2048x1024
-(Cityscapes) + random crop 512 (cat_max_ratio 0.75) + flip + photometric distortion.  bf16 autocast and
+Defaults = the released recipe of the model's family (:mod:`lrformer.engine.recipes`; ``--print-config``
+shows it resolved): LRFormer's mmseg recipe for ``lrformer_{t,s,b,l}`` (AdamW 6e-5, weight decay 0.01,
+head lr x10, no decay on norms and layer scales, 1500-iteration warm-up then poly 1, random resize
+0.5-2.0 + crop 512 with cat_max_ratio 0.75 + flip + photometric distortion), the released LRFormer+
+recipe for ``*_plus`` and FASeg's for ``*_faseg``; every flag overrides its preset.  bf16 autocast and
 the fused Triton kernels are on by default on CUDA.  Checkpoints (``work_dir/iter_<step>.pth`` and
 ``work_dir/latest.pth``, written atomically) hold ``{"state_dict", "optimizer", "scheduler", "step",
 "meta"}``; ``lrformer.load_checkpoint`` reads them and ``--resume auto`` continues from ``latest.pth``
@@ -35,158 +36,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .cli import HelpFormatter, add_model_args, amp_dtype_from, build_model, resolve_defaults
+from .recipes import format_recipe, param_groups, recipe_for
 from .data import DATASET_DEFAULTS, SegDataset, StepBatchSampler, TrainTransform, collate, worker_init
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, convert_sync_batchnorm,
                           init_distributed)
 
 # ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-
-
-def add_model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="lrformer_t / _s / _b / _l, or an LRFormer+ name lrformer_{t,s,b,l,xl}_plus "
-                        "(default: the checkpoint's, else lrformer_t)")
-    g.add_argument("--decoder", choices=DECODERS, default=None,
-                   help="'lrhead' (LRFormer's LRHead) or 'query' (LRFormer+: the Mask2Former-style query decoder "
-                        "with DFPQ and HRCA, i.e. --model X becomes X_plus); default: the checkpoint's, else "
-                        "'query' for *_plus names and 'lrhead' otherwise")
-    g.add_argument("--num-classes", type=int, default=None,
-                   help="default: the checkpoint's, else 150 (ADE20K) / 19 (Cityscapes)")
-    g.add_argument("--model-kwargs", default=None,
-                   help="JSON dict of create_model overrides, e.g. '{\"drop_path_rate\": 0.2}'")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused Triton kernels (default: on when CUDA is available)")
-    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` except where the default is None (those helps say what happens)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def apply_checkpoint_meta(args, meta: Optional[dict]):
-    """Take ``model`` / ``num_classes`` / ``model_kwargs`` / ``dataset`` from a checkpoint written by
-    this trainer where the command line left them unset."""
-    if not meta:
-        return args
-    for key in ("model", "decoder", "num_classes", "model_kwargs", "dataset"):
-        if getattr(args, key, "missing") is None and meta.get(key) is not None:
-            setattr(args, key, meta[key])
-    return args
-
-
-def resolve_defaults(args):
-    """Fill the remaining defaults in place (model, dataset-dependent class count, fused, kwargs)."""
-    if getattr(args, "dataset", None) is None:
-        args.dataset = "ade20k"
-    if args.model is None:
-        args.model = "lrformer_t"
-    args.decoder, args.model = resolve_decoder(args.model, getattr(args, "decoder", None))
-    if getattr(args, "num_classes", None) is None:
-        args.num_classes = DATASET_DEFAULTS[args.dataset]["num_classes"]
-    if args.fused is None:
-        args.fused = torch.cuda.is_available() and args.device != "cpu"
-    if args.model_kwargs is None:
-        args.model_kwargs = {}
-    elif isinstance(args.model_kwargs, str):
-        args.model_kwargs = json.loads(args.model_kwargs)
-    return args
-
-
-DECODERS = ("lrhead", "query")
-
-
-def resolve_decoder(model: str, decoder: Optional[str]):
-    """``(decoder, model name)``: ``--decoder query`` turns ``lrformer_t`` into ``lrformer_t_plus``;
-    a ``*_plus`` name implies the query decoder."""
-    plus = model.endswith("_plus")
-    if decoder is None:
-        decoder = "query" if plus else "lrhead"
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
-    if decoder == "query" and not plus:
-        model = model + "_plus"
-    elif decoder == "lrhead" and plus:
-        raise ValueError(f"--model {model} is an LRFormer+ model (query decoder); it cannot take --decoder lrhead")
-    return decoder, model
-
-
-def build_model(args) -> nn.Module:
-    """The one place a segmentor is built from the command line (``--model``, ``--num-classes``,
-    ``--model-kwargs``, ``--fused``, ``--pretrained``), after :func:`resolve_defaults` (which also
-    folds ``--decoder`` into the model name)."""
-    from .factory import create_model
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(args.model_kwargs).items()}
-    return create_model(args.model, num_classes=args.num_classes, fused=bool(args.fused),
-                        pretrained=getattr(args, "pretrained", None), **kw)
-
-
-def load_trained(args, checkpoint: str) -> nn.Module:
-    """Build the model described by ``args`` (completed from the checkpoint's meta) and load
-    ``checkpoint`` (ours, or a released mmseg file) into it."""
-    from .checkpoint import load_checkpoint
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    apply_checkpoint_meta(args, ckpt.get("meta") if isinstance(ckpt, dict) else None)
-    resolve_defaults(args)
-    fused, args.fused = args.fused, False
-    model = build_model(args)
-    load_checkpoint(model, ckpt)
-    args.fused = fused
-    if fused:
-        from lrformer_kernels import fuse
-        fuse(model)
-    return model
-
-
-def amp_dtype_from(name: str, device: torch.device) -> Optional[torch.dtype]:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-# ----------------------------------------------------------------------------------------------
 # Optimiser and schedule
 # ----------------------------------------------------------------------------------------------
-
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-
-
-def param_groups(model: nn.Module, weight_decay: float = 0.01, head_lr_mult: float = 10.0) -> List[dict]:
-    """AdamW parameter groups, mmseg ``paramwise_cfg`` style.
-
-    * lr multiplier: 1 for ``backbone.*``, ``head_lr_mult`` for everything else (the decoder);
-    * no weight decay for the parameters of normalisation layers (BatchNorm / SyncBatchNorm /
-      LayerNorm / GroupNorm weights and biases) and for layer-scale vectors (``layer_scale*``);
-      every other parameter, conv / linear biases included, gets ``weight_decay``.
-
-    Each group carries ``lr_mult`` (the scheduler multiplies it in) and a ``name``.
-    """
-    no_decay = set()
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, NORM_TYPES):
-            for pn, _ in mod.named_parameters(recurse=False):
-                no_decay.add(f"{mod_name}.{pn}" if mod_name else pn)
-    groups: Dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = "backbone" if name.startswith("backbone.") else "head"
-        nd = name in no_decay or name.rsplit(".", 1)[-1].startswith("layer_scale")
-        key = f"{part}_{'no_decay' if nd else 'decay'}"
-        g = groups.setdefault(key, {"params": [], "name": key, "weight_decay": 0.0 if nd else weight_decay,
-                                    "lr_mult": 1.0 if part == "backbone" else head_lr_mult})
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
-
 
 def lr_at(step: int, base_lr: float, max_iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
           power: float = 1.0, min_lr: float = 0.0) -> float:
@@ -265,27 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="ImageNet encoder checkpoint (or a full segmentor file)")
     p.add_argument("--resume", default=None, help="'auto' (work_dir/latest.pth when present) or a checkpoint path")
     add_model_args(p)
-    g = p.add_argument_group("schedule")
+    g = p.add_argument_group("schedule (defaults: the model family's released recipe, see --print-config)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     g.add_argument("--iters", type=int, default=160000, help="total iterations")
-    g.add_argument("--batch-size", type=int, default=16, help="total batch over all processes")
-    g.add_argument("--lr", type=float, default=6e-5, help="base learning rate (backbone)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the decoder")
-    g.add_argument("--warmup-iters", type=int, default=1500, help="linear warmup iterations")
-    g.add_argument("--warmup-ratio", type=float, default=1e-6, help="warmup starts at this fraction of the lr")
-    g.add_argument("--poly-power", type=float, default=1.0, help="poly decay power")
-    g.add_argument("--min-lr", type=float, default=0.0, help="poly decay floor")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (off by default)")
+    g.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    g.add_argument("--head-lr-mult", type=float, default=None, help="learning-rate multiplier of the decoder")
+    g.add_argument("--backbone-lr-mult", type=float, default=None, help="learning-rate multiplier of the encoder")
+    g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup iterations")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="warmup starts at this fraction of the lr")
+    g.add_argument("--poly-power", type=float, default=None, help="poly decay power")
+    g.add_argument("--min-lr", type=float, default=None, help="poly decay floor")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="clip the global gradient norm to this (0: off; default: the recipe's)")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU); fp16 uses a GradScaler")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of this run, keeping the --iters schedule")
     g = p.add_argument_group("data")
-    g.add_argument("--crop-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="random crop size")
+    g.add_argument("--crop-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="random crop size")
+    g.add_argument("--resize", choices=("ratio", "short_edge"), default=None,
+                   help="'ratio': x ratio-range of --scale (LRFormer); 'short_edge': shortest edge drawn from "
+                        "256..1024 (LRFormer+/FASeg)")
     g.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="base scale of the random resize (default 2048 512 ADE20K, 2048 1024 Cityscapes)")
-    g.add_argument("--ratio-range", type=float, nargs=2, default=(0.5, 2.0), help="random resize ratios of --scale")
-    g.add_argument("--cat-max-ratio", type=float, default=0.75, help="crop retried (10x) while one class covers more than this")
+                   help="base scale of the ratio resize (default 2048 512 ADE20K, 2048 1024 Cityscapes)")
+    g.add_argument("--ratio-range", type=float, nargs=2, default=None, help="random resize ratios of --scale")
+    g.add_argument("--cat-max-ratio", type=float, default=None,
+                   help="crop retried (10x) while one class covers more than this (1: no limit)")
     g.add_argument("--no-photometric", dest="photometric", action="store_false",
                    help="disable the photometric distortion")
     g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
@@ -306,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_recipe(args):
+    """Fill every recipe-controlled option the command line left unset from the model family's preset."""
+    recipe = recipe_for(args.model)
+    args.family = recipe["family"]
+    for key in ("batch_size", "lr", "weight_decay", "head_lr_mult", "backbone_lr_mult", "warmup_iters",
+                "warmup_ratio", "poly_power", "min_lr", "clip_grad", "crop_size", "resize", "ratio_range",
+                "cat_max_ratio"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, recipe[key])
+    for key in ("param_rule", "short_edges", "max_long", "pad_value"):
+        setattr(args, key, recipe[key])
+    if args.scale is None:
+        args.scale = DATASET_DEFAULTS[args.dataset]["scale"]
+    return args
+
+
+def _groups(model: nn.Module, args) -> List[dict]:
+    return param_groups(model, args.weight_decay, args.head_lr_mult, args.backbone_lr_mult, args.param_rule)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + rank * 7919 + 12345) % (2 ** 63)
 
@@ -314,6 +199,12 @@ def train(args) -> Dict[str, object]:
     """Run training as described by the parsed ``args``; returns a summary dict (final ``step``,
     ``checkpoint`` path, last logged ``loss``, last ``eval`` results, the trained ``model``)."""
     resolve_defaults(args)
+    apply_recipe(args)
+    if args.print_config:
+        with torch.device("meta"):
+            model = build_model(argparse.Namespace(**{**vars(args), "fused": False, "pretrained": None}))
+        print(format_recipe(args, _groups(model, args)))
+        return {"config": vars(args)}
     ds_defaults = DATASET_DEFAULTS[args.dataset]
     info: DistInfo = init_distributed(args.device)
     device = info.device
@@ -336,8 +227,8 @@ def train(args) -> Dict[str, object]:
             if name != "backbone":
                 setattr(model, name, convert_sync_batchnorm(child))
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.head_lr_mult), lr=args.lr,
-                                  betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(_groups(model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=args.weight_decay)
     amp_dtype = amp_dtype_from(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -364,8 +255,9 @@ def train(args) -> Dict[str, object]:
             find_unused_parameters=args.find_unused_parameters)
 
     reduce_zero = args.reduce_zero_label
-    transform = TrainTransform(tuple(args.crop_size), tuple(args.scale or ds_defaults["scale"]),
-                               tuple(args.ratio_range), args.cat_max_ratio, photometric=args.photometric)
+    transform = TrainTransform(tuple(args.crop_size), tuple(args.scale), tuple(args.ratio_range), args.cat_max_ratio,
+                               photometric=args.photometric, resize=args.resize, short_edges=args.short_edges,
+                               max_long=args.max_long, pad_value=args.pad_value)
     dataset = SegDataset(args.data, ds_defaults["train_split"], args.dataset, transform, reduce_zero)
     end = args.iters if args.stop_after is None else min(args.iters, start + args.stop_after)
     sampler = StepBatchSampler(len(dataset), per_rank, end, start, info.rank, info.world_size, args.seed)
@@ -389,7 +281,7 @@ def train(args) -> Dict[str, object]:
                      "scheduler": {"step": step, "max_iters": args.iters, "warmup_iters": args.warmup_iters,
                                    "lr": args.lr, "power": args.poly_power},
                      "step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "meta": {"model": args.model, "decoder": args.decoder, "num_classes": args.num_classes,
+                     "meta": {"model": args.model, "num_classes": args.num_classes,
                               "model_kwargs": args.model_kwargs, "dataset": args.dataset, "step": step,
                               "world_size": info.world_size, "batch_size": args.batch_size,
                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": str(torch.__version__),
@@ -438,7 +330,7 @@ def train(args) -> Dict[str, object]:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = net(images, labels)
         scaler.scale(loss).backward()
-        if args.clip_grad:
+        if args.clip_grad:                          # global L2 norm over the whole model
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         scaler.step(optimizer)

@@ -1,6 +1,6 @@
 """mIoU / aAcc evaluation: metrics, whole and sliding-window inference, flip / multi-scale TTA.
 
-``python -m lrformer.evaluate --data DIR --dataset ade20k --model lrformer_t --checkpoint ckpt.pth``
+``python -m lrformer.engine.evaluate --data DIR --dataset ade20k --model lrformer_t --checkpoint ckpt.pth``
 (also under ``torchrun``: every rank evaluates a shard and the confusion matrices are summed).
 
 Inference follows mmseg's test pipeline: each image is resized (keep ratio) to the test ``scale``
@@ -220,7 +220,7 @@ def inference_kwargs(args, device, amp_dtype) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import HelpFormatter, add_model_args
+    from .cli import HelpFormatter, add_model_args
     p = argparse.ArgumentParser(prog="lrformer-evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset root (ADE20K or Cityscapes layout)")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     from .distributed import cleanup, init_distributed
-    from .train import amp_dtype_from, load_trained
+    from .cli import amp_dtype_from, load_trained
     args = build_parser().parse_args(argv)
     info = init_distributed(args.device)
     model = load_trained(args, args.checkpoint)

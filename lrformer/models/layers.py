@@ -1,8 +1,11 @@
-"""Building blocks of LRFormer (reference, plain PyTorch), tokens-last inside.
+"""Building blocks of LRFormer, tokens-last inside.
 
 Feature maps flow as (B, H, W, C) tensors; an NCHW view of one is ``x.permute(0, 3, 1, 2)``
-(channels_last memory), which is what the convolutions and BatchNorms see.  The LRSA math
-comes from :mod:`lrformer.functional`, the same functions the fused kernels are tested against.
+(channels_last memory), which is what the convolutions and BatchNorms see.  The ops (pyramid
+pooling, low-resolution attention, upsample + residual, depthwise conv) come from
+:mod:`lrformer_kernels` through ``self.ops`` (:class:`lrformer_kernels.Fusable`): the reference math
+by default, the fused kernels after :func:`lrformer_kernels.fuse` — the one place where the fused
+path enters the model.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional as LF
+from lrformer_kernels import Fusable, branch_scale, bilinear_resize, lrsa_grids, lrsa_low, pyramid_sizes
 
 
 def nchw(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +43,16 @@ def conv_weight_2d(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1])
 
 
+def drop_path_keep(batch: int, drop_prob: float, training: bool, device=None,
+                   dtype=torch.float32, generator: Optional[torch.Generator] = None):
+    """Per-sample drop-path factor: 0 for a dropped sample, 1/keep_prob for a kept one; None if off."""
+    if drop_prob <= 0.0 or not training:
+        return None
+    keep_prob = 1.0 - drop_prob
+    mask = torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep_prob, generator=generator)
+    return mask / keep_prob
+
+
 class DropPath(nn.Module):
     """Stochastic depth: per-sample factor 0 or 1/keep_prob in training, None (identity) otherwise."""
 
@@ -48,17 +61,14 @@ class DropPath(nn.Module):
         self.drop_prob = float(drop_prob)
 
     def keep(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        return LF.drop_path_keep(x.shape[0], self.drop_prob, self.training, x.device, torch.float32)
+        return drop_path_keep(x.shape[0], self.drop_prob, self.training, x.device, torch.float32)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
 
-class IRB(nn.Module):
+class IRB(Fusable, nn.Module):
     """Inverted residual FFN: fc1 (1x1) -> GELU -> h + dwconv3x3(h) -> fc2 (1x1). Keys fc1/conv/fc2."""
-
-    #: where the LRSA/IRB math comes from; the fused modules swap in the Triton ops.
-    ops = LF
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -72,7 +82,7 @@ class IRB(nn.Module):
         return F.linear(h, conv_weight_2d(self.fc2), self.fc2.bias)
 
 
-class LRSA(nn.Module):
+class LRSA(Fusable, nn.Module):
     """Low-resolution self-attention.
 
     ``head=False`` (encoder): ``q`` = Sequential(Linear), ``kv`` = Sequential(Linear), pooled
@@ -82,15 +92,13 @@ class LRSA(nn.Module):
     ``forward`` upsamples it to the input size.
     """
 
-    ops = LF
-
     def __init__(self, dim: int, num_heads: int, q_size: int = 16,
                  kv_sizes: Optional[Sequence[int]] = None, qkv_bias: bool = True, head: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.q_size = dim, num_heads, q_size
-        self.kv_sizes = tuple(kv_sizes) if kv_sizes is not None else LF.pyramid_sizes(q_size)
+        self.kv_sizes = tuple(kv_sizes) if kv_sizes is not None else pyramid_sizes(q_size)
         self.scale = (dim // num_heads) ** -0.5
         self.head = head
         if head:
@@ -112,43 +120,28 @@ class LRSA(nn.Module):
         return self.kv if self.head else self.kv[0]
 
     def grids(self, h: int, w: int):
-        return LF.lrsa_grids(h, w, self.q_size, self.kv_sizes)
-
-    def attend(self, pooled: Sequence[torch.Tensor],
-               d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
-        """From the pooled maps [query grid, kv grids...] (each (B, h, w, C)) to the low-res branch."""
-        qmap, kv_maps = pooled[0], list(pooled[1:])
-        B, hq, wq, C = qmap.shape
-        if d_convs is not None:
-            kv_maps = [self.ops.dwconv3x3(m, dc.weight, dc.bias, residual=True) for m, dc in zip(kv_maps, d_convs)]
-        qw, qb = self.q_linear()
-        q = F.linear(qmap.reshape(B, hq * wq, C), qw, qb)
-        kv_tokens = torch.cat([m.reshape(B, -1, C) for m in kv_maps], dim=1)
-        kv = self.kv_linear()(self.norm(kv_tokens))
-        k, v = kv[..., :C], kv[..., C:]
-        o = self.ops.lowres_attention(q, k, v, self.num_heads, self.scale)
-        return self.proj(o).reshape(B, hq, wq, C)
+        return lrsa_grids(h, w, self.q_size, self.kv_sizes)
 
     def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
-        H, W = x.shape[1], x.shape[2]
-        return self.attend(self.ops.pyramid_pool(x, self.grids(H, W)), d_convs)
+        """The low-resolution branch (B, hq, wq, C) of a normalised map x (B, H, W, C)."""
+        qw, qb = self.q_linear()
+        return lrsa_low(self.ops, x, self.grids(x.shape[1], x.shape[2]), qw, qb, self.norm, self.kv_linear(),
+                        self.proj, self.num_heads, self.scale, d_convs)
 
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         """x: normalised map (B, H, W, C) -> attention branch at full resolution (B, H, W, C)."""
-        return LF.bilinear_resize(self.forward_low(x, d_convs), x.shape[1:3])
+        return bilinear_resize(self.forward_low(x, d_convs), x.shape[1:3])
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, q_size={self.q_size}, kv_sizes={self.kv_sizes}, head={self.head}"
 
 
-class Block(nn.Module):
+class Block(Fusable, nn.Module):
     """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
 
     x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x)));
     x = x + drop_path(ls2 * IRB(norm2(x))).  Tokens-last in and out.
     """
-
-    ops = LF
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
                  layer_scale: Optional[float] = None, q_size: int = 16,
@@ -182,5 +175,5 @@ class Block(nn.Module):
         low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
         x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
         h = self.mlp(self.norm(self.norm2, x))
-        s = LF.branch_scale(self.layer_scale_2, self.drop_path.keep(x), x.shape[0], x.shape[-1], h)
+        s = branch_scale(self.layer_scale_2, self.drop_path.keep(x), x.shape[0], x.shape[-1], h)
         return x + (h if s is None else h * s)

@@ -1,13 +1,13 @@
 """Segment images and write colour-coded masks.
 
-``python -m lrformer.predict img1.jpg img2.jpg --checkpoint ckpt.pth --out-dir preds [--overlay 0.5]``
+``python -m lrformer.engine.predict img1.jpg img2.jpg --checkpoint ckpt.pth --out-dir preds [--overlay 0.5]``
 
 For each image writes ``<out-dir>/<stem>.png``: a palette PNG whose pixel values are the class ids
 and whose palette holds the class colours (Cityscapes' standard colours, otherwise a deterministic
 generated palette), so it opens as a colour image and still reads back as labels.  ``--overlay A``
 also writes ``<stem>_overlay.png``: the image blended with the colours (mask weight A).
 Inference options (``--mode slide``, ``--flip``, ``--ratios``, ``--test-scale``) as in
-``lrformer.evaluate``; by default the image is inferred at its own size.
+``lrformer.engine.evaluate``; by default the image is inferred at its own size.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def overlay(img: np.ndarray, mask: Image.Image, alpha: float = 0.5) -> Image.Ima
 
 def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_inference_args
-    from .train import HelpFormatter, add_model_args
+    from .cli import HelpFormatter, add_model_args
     p = argparse.ArgumentParser(prog="lrformer-predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("images", nargs="+", help="image files")
@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     import torch
 
     from .evaluate import inference_kwargs, predict_image
-    from .train import amp_dtype_from, load_trained
+    from .cli import amp_dtype_from, load_trained
     args = build_parser().parse_args(argv)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available())
                           or args.device == "cuda" else "cpu")

@@ -222,6 +222,16 @@ def random_resize(img, label, rng: np.random.Generator, scale=(2048, 512), ratio
     return resize_image(img, size), resize_label(label, size)
 
 
+def random_short_edge_resize(img, label, rng: np.random.Generator, short_edges, max_long=2048):
+    """The query-decoder recipes' resize: shortest edge drawn uniformly from ``short_edges``, the long
+    edge at most ``max_long`` (mmseg ``RandomChoiceResize`` / detectron2 ``ResizeShortestEdge``)."""
+    short = int(short_edges[int(rng.integers(0, len(short_edges)))])
+    h, w = img.shape[:2]
+    s = min(short / min(h, w), max_long / max(h, w))
+    size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
+    return resize_image(img, size), resize_label(label, size)
+
+
 def random_crop(img, label, rng: np.random.Generator, crop_size=(512, 512), cat_max_ratio=0.75,
                 ignore_index=IGNORE_INDEX):
     """Random (h, w) crop; like mmseg, retries up to 10 times while one class covers more than
@@ -300,17 +310,26 @@ def to_tensor(img: np.ndarray, label: np.ndarray):
 
 
 class TrainTransform:
-    """The paper's training pipeline: random resize (ratio 0.5-2.0 of ``scale``, keep ratio) ->
+    """The released training pipelines: random resize (``resize="ratio"``: ratio 0.5-2.0 of ``scale``,
+    keep ratio; ``"short_edge"``: shortest edge from ``short_edges``, long edge <= ``max_long``) ->
     random crop (``cat_max_ratio``) -> flip -> photometric distortion -> normalise -> pad to the crop
-    size (image 0 after normalisation, label 255)."""
+    size (label 255; image 0 after normalisation for ``pad_value="mean"``, or a raw pixel value such as
+    FASeg's 128)."""
 
     def __init__(self, crop_size=(512, 512), scale=(2048, 512), ratio_range=(0.5, 2.0),
-                 cat_max_ratio=0.75, flip_prob=0.5, photometric=True):
+                 cat_max_ratio=0.75, flip_prob=0.5, photometric=True, resize="ratio",
+                 short_edges=(512,), max_long=2048, pad_value="mean"):
+        if resize not in ("ratio", "short_edge"):
+            raise ValueError(f"resize must be 'ratio' or 'short_edge', got {resize!r}")
         self.crop_size, self.scale, self.ratio_range = tuple(crop_size), tuple(scale), tuple(ratio_range)
         self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
+        self.resize, self.short_edges, self.max_long, self.pad_value = resize, tuple(short_edges), max_long, pad_value
 
     def __call__(self, img, label, rng: np.random.Generator):
-        img, label = random_resize(img, label, rng, self.scale, self.ratio_range)
+        if self.resize == "ratio":
+            img, label = random_resize(img, label, rng, self.scale, self.ratio_range)
+        else:
+            img, label = random_short_edge_resize(img, label, rng, self.short_edges, self.max_long)
         img, label = random_crop(img, label, rng, self.crop_size, self.cat_max_ratio)
         img, label = random_flip(img, label, rng, self.flip_prob)
         if self.photometric:
@@ -320,6 +339,10 @@ class TrainTransform:
         ph, pw = max(self.crop_size[0] - label.shape[0], 0), max(self.crop_size[1] - label.shape[1], 0)
         if ph or pw:
             img = torch.nn.functional.pad(img, (0, pw, 0, ph), value=0.0)
+            if self.pad_value != "mean":      # a raw pixel value: its normalised value per channel
+                fill = torch.from_numpy((float(self.pad_value) - MEAN) / STD)
+                img[:, label.shape[0]:, :] = fill[:, None, None]
+                img[:, :, label.shape[1]:] = fill[:, None, None]
             label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE_INDEX)
         return img, label
 

@@ -1,5 +1,5 @@
 """Multi-scale deformable attention (Deformable DETR) in plain PyTorch, and the Mask2Former-style
-multi-scale pixel decoder built on it (the ``pixel_decoder`` of LRFormer+).
+pieces the two pixel decoders (:mod:`.mask2former`, :mod:`.faseg`) build on.
 
 Conventions: token sequences are ``(B, N, C)``; maps are NCHW; sampling locations are normalised to
 ``[0, 1]`` with ``(x, y)`` order, ``(0, 0)`` the top-left corner of the top-left pixel and a pixel
@@ -102,22 +102,22 @@ def sine_position_encoding(b: int, h: int, w: int, dim: int, device=None, dtype=
                            temperature: float = 10000.0) -> torch.Tensor:
     """DETR's normalised sine positional encoding as used by Mask2Former -> (B, dim, H, W).
 
-    Half the channels encode y, half x; coordinates ``(i + 0.5) / H * 2 pi`` (Mask2Former's
-    ``(cumsum - 0.5) / (last + eps) * scale``); channel pairs (sin, cos) at frequencies
-    ``temperature ** (2 k / (dim / 2))``.
+    Half the channels encode y (first), half x; coordinates ``(i + 1) / (H + 1e-6) * 2 pi`` (mmdet's
+    ``SinePositionalEncoding(normalize=True)``, offset 0: cumsum / (last + eps) * scale, SPEC A.1);
+    channel j: sin (even j) / cos (odd j) of the coordinate over ``temperature ** (2 (j // 2) / (dim / 2))``.
     """
     if dim % 4:
         raise ValueError(f"positional encoding dim must be divisible by 4, got {dim}")
     npf = dim // 2
     eps, scale = 1e-6, 2 * math.pi
-    y = (torch.arange(1, h + 1, device=device, dtype=torch.float32) - 0.5) / (h + eps) * scale
-    x = (torch.arange(1, w + 1, device=device, dtype=torch.float32) - 0.5) / (w + eps) * scale
-    k = torch.arange(npf, device=device, dtype=torch.float32)
+    y = torch.arange(1, h + 1, device=device, dtype=torch.float64) / (h + eps) * scale
+    x = torch.arange(1, w + 1, device=device, dtype=torch.float64) / (w + eps) * scale
+    k = torch.arange(npf, device=device, dtype=torch.float64)
     dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode="floor") / npf)
 
     def enc(t):                                                    # (n,) -> (n, npf) sin/cos interleaved
         t = t[:, None] / dim_t
-        return torch.stack([t[:, 0::2].sin(), t[:, 1::2].cos()], dim=2).flatten(1)
+        return torch.stack([t[:, 0::2].sin(), t[:, 1::2].cos()], dim=2).flatten(1)  # j=0 sin, j=1 cos, ...
 
     py = enc(y)[:, None, :].expand(h, w, npf)
     px = enc(x)[None, :, :].expand(h, w, npf)
@@ -155,57 +155,3 @@ def encoder_reference_points(shapes: Sequence[Tuple[int, int]], batch: int, devi
         refs.append(torch.stack([xx.flatten(), yy.flatten()], -1))
     ref = torch.cat(refs, 0)                                              # (S, 2)
     return ref[None, :, None, :].expand(batch, ref.shape[0], len(shapes), 2)
-
-
-class MSDeformPixelDecoder(nn.Module):
-    """Mask2Former's ``MSDeformAttnPixelDecoder`` for the 4 LRFormer encoder maps.
-
-    in_channels: channels of the encoder maps at strides 4, 8, 16, 32.
-    The stride 8/16/32 maps are projected (1x1 conv + GN) to ``dim``, refined jointly by ``layers``
-    deformable encoder layers (sine position + learned level embedding), then an FPN step fuses the
-    stride-8 output with the stride-4 map (lateral 1x1 conv + GN, add bilinear-upsampled stride-8
-    output, 3x3 conv + GN + ReLU) and a 1x1 conv gives the mask features.
-
-    forward(feats) -> (mask_features (B, dim, H/4, W/4), [stride-32, stride-16, stride-8 maps (B, dim, h, w)]).
-    """
-
-    def __init__(self, in_channels: Sequence[int], dim: int = 256, layers: int = 6, heads: int = 8,
-                 points: int = 4, ffn_dim: int = 1024, dropout: float = 0.0):
-        super().__init__()
-        if len(in_channels) != 4:
-            raise ValueError(f"expected the channels of 4 encoder maps, got {in_channels}")
-        self.dim, self.num_levels = dim, 3
-        # low to high resolution: stride 32, 16, 8
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, dim, 1), group_norm(dim)) for c in reversed(in_channels[1:]))
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
-        self.level_embed = nn.Parameter(torch.empty(self.num_levels, dim).normal_())
-        self.layers = nn.ModuleList(DeformEncoderLayer(dim, ffn_dim, self.num_levels, heads, points, dropout)
-                                    for _ in range(layers))
-        self.lateral_conv = nn.Sequential(nn.Conv2d(in_channels[0], dim, 1, bias=False), group_norm(dim))
-        self.output_conv = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), group_norm(dim),
-                                         nn.ReLU(inplace=True))
-        self.mask_features = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, feats: Sequence[torch.Tensor]):
-        x4 = feats[0]
-        maps = [proj(f) for proj, f in zip(self.input_proj, reversed(feats[1:]))]   # strides 32, 16, 8
-        B = x4.shape[0]
-        shapes = [tuple(m.shape[-2:]) for m in maps]
-        src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)           # (B, S, C)
-        pos = torch.cat([
-            (sine_position_encoding(B, h, w, self.dim, m.device, m.dtype).flatten(2).transpose(1, 2)
-             + self.level_embed[lvl].to(m.dtype)) for lvl, (m, (h, w)) in enumerate(zip(maps, shapes))], 1)
-        ref = encoder_reference_points(shapes, B, src.device, src.dtype)
-        for layer in self.layers:
-            src = layer(src, pos, ref, shapes)
-        outs, start = [], 0
-        for h, w in shapes:
-            outs.append(src[:, start:start + h * w].transpose(1, 2).reshape(B, self.dim, h, w))
-            start += h * w
-        y = self.lateral_conv(x4) + F.interpolate(outs[-1], size=x4.shape[-2:], mode="bilinear",
-                                                  align_corners=False)
-        y = self.output_conv(y)
-        return self.mask_features(y), outs

@@ -75,5 +75,5 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0):
 
 def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """``nn.SyncBatchNorm.convert_sync_batchnorm`` (same parameters, buffers and state-dict keys); the
-    blocks' tokens-last BatchNorm path recognises any ``_BatchNorm`` (``lrformer.layers.is_batch_norm``)."""
+    blocks' tokens-last BatchNorm path recognises any ``_BatchNorm`` (``lrformer.models.layers.is_batch_norm``)."""
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)

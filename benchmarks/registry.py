@@ -1,0 +1,230 @@
+"""The op registry: one entry per fused op, read by the op sweep, the byte/FLOP formulas, the plots and
+the tests.  Each :class:`OpEntry` says at which shapes the op runs in LRFormer-S (read from
+:mod:`lrformer`), how to make its inputs, its reference and fused calls, and the fewest bytes it must
+move and the matrix FLOPs it does.  Adding an op to the benchmarks = adding one entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+import lrformer_kernels as K
+from lrformer.factory import create_encoder
+
+# ------------------------------------------------------------------------ LRFormer-S stage constants
+with torch.device("meta"):
+    _S = create_encoder("s")
+#: LRFormer-S per stage, from the model itself: widths, heads, MLP ratios, layer scale (None: off)
+S_DIMS: Tuple[int, ...] = tuple(_S.embed_dims)
+S_HEADS: Tuple[int, ...] = tuple(_S.num_heads)
+S_MLP_RATIOS: Tuple[float, ...] = tuple(_S.mlp_ratios)
+S_LAYER_SCALE = tuple(None if getattr(_S, f"block{s}")[0].layer_scale_1 is None else 1e-6 for s in range(1, 5))
+del _S
+
+#: FASeg's HRCA on the stride-4 map of an image (LRFormer stage-1 resolution): decoder width 256,
+#: 8 heads (head dim 32), 100 queries, 8x8 windows, each query attends to 1/32 of the windows
+#: (K = 8 of 256 at 512x512: 512 keys per query), distinct windows per query, uniformly random.
+HRCA = dict(C=256, heads=8, nq=100, window=8, frac=32)
+
+
+def stage_map_size(height: int, width: int, stage: int) -> Tuple[int, int]:
+    """Map size of stage ``stage`` (1..4) for an image: stride 4, 8, 16, 32 (each stride-2 conv
+    with padding 1 rounds up)."""
+    h, w = int(height), int(width)
+    for _ in range(stage + 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def hrca_dims(h: int, w: int) -> Tuple[int, int, int]:
+    """(windows in the grid, K windows per query, keys per query) of :data:`HRCA` on an h x w map."""
+    gh, gw = K.hrca_window_grid(h, w, HRCA["window"])
+    n_win = gh * gw
+    k = max(1, n_win // HRCA["frac"])
+    return n_win, k, k * HRCA["window"] ** 2
+
+
+def _randn(shape, cfg, dtype=torch.float32, grad=False, gen=None):
+    t = torch.randn(shape, device=cfg.device, dtype=torch.float32, generator=gen).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _gen(cfg, seed: int):
+    g = torch.Generator(device=cfg.device)
+    g.manual_seed(seed)
+    return g
+
+
+def _grid_counts(h: int, w: int):
+    grids = K.lrsa_grids(h, w)
+    return grids, grids[0][0] * grids[0][1], sum(a * b for a, b in grids[1:])
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """One fused op in the benchmarks.
+
+    ``channels(stage)``: its channel count; ``functions(stage, h, w)`` -> ``(reference, fused,
+    inputs(cfg, B, dtype, grad, i))``; ``bytes(B, h, w, stage, esize, mode)``: the fewest bytes it must
+    move (each input read once, each output written once; ``fwd+bwd`` = both); ``flops``: its matrix
+    FLOPs (2 per multiply-add) or None; ``cuda_stage1_only``: timed only on CUDA at stage 1;
+    ``shape_note(h, w)``: extra shape text for the result rows."""
+    name: str
+    channels: Callable[[int], int]
+    functions: Callable
+    bytes: Callable[..., int]
+    flops: Optional[Callable[..., int]] = None
+    cuda_stage1_only: bool = False
+    shape_note: Callable[[int, int], str] = lambda h, w: ""
+
+
+# ------------------------------------------------------------------------------------ the ops
+def _pyramid_pool(s, h, w):
+    C = S_DIMS[s - 1]
+    grids = K.lrsa_grids(h, w)
+
+    def inputs(cfg, B, dt, grad, i):
+        return (_randn((B, h, w, C), cfg, dt, grad, _gen(cfg, i)),)
+    return (lambda x: K.pyramid_pool_reference(x, grids)), (lambda x: K.pyramid_pool(x, grids)), inputs
+
+
+def _pyramid_pool_bytes(B, h, w, s, esize, mode):
+    """fwd: read x (B H W C) + write the 5 grids (B N C), N = sum of grid cells;
+    bwd: read dOut (B N C) + write dx (B H W C)."""
+    C = S_DIMS[s - 1]
+    _, nq, m = _grid_counts(h, w)
+    n, hw_ = nq + m, B * h * w * C
+    fwd = (hw_ + B * n * C) * esize
+    return fwd if mode == "fwd" else fwd + (B * n * C + hw_) * esize
+
+
+def _lowres_attention(s, h, w):
+    C, heads = S_DIMS[s - 1], S_HEADS[s - 1]
+    _, nq, m = _grid_counts(h, w)
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        return (_randn((B, nq, C), cfg, dt, grad, g), _randn((B, m, 2 * C), cfg, dt, grad, g))
+    return (lambda q, kv: K.lowres_attention_reference(q, kv[..., :C], kv[..., C:], heads),
+            lambda q, kv: K.lowres_attention(q, kv[..., :C], kv[..., C:], heads), inputs)
+
+
+def _lowres_attention_bytes(B, h, w, s, esize, mode):
+    """fwd: read q (B Nq C), k, v (B M C each) + write o (B Nq C); bwd: read dO, q, o (B Nq C each),
+    k, v (B M C each), lse (B heads Nq fp32) + write dq (B Nq C), dk, dv (B M C each)."""
+    C, heads = S_DIMS[s - 1], S_HEADS[s - 1]
+    _, nq, m = _grid_counts(h, w)
+    fwd = (2 * B * nq * C + 2 * B * m * C) * esize
+    bwd = (3 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + B * heads * nq * 4
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def _lowres_attention_flops(B, h, w, s, mode):
+    """2 products forward (q.k, p.v), 4 backward (dO.v, ds.k, ds.q, p.dO; the recomputed q.k not counted)."""
+    _, nq, m = _grid_counts(h, w)
+    one = 2 * B * nq * m * S_DIMS[s - 1]
+    return one * (2 if mode == "fwd" else 6)
+
+
+def _upsample_residual(s, h, w):
+    C = S_DIMS[s - 1]
+    hq, wq = K.lrsa_grids(h, w)[0]
+    has_scale = S_LAYER_SCALE[s - 1] is not None
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        scale = _randn((C,), cfg, torch.float32, grad, g) if has_scale else None
+        keep = None
+        if grad:  # training: drop path on
+            keep = (torch.rand(B, device=cfg.device, generator=g) > 0.1).float() / 0.9
+        return (_randn((B, h, w, C), cfg, dt, grad, g), _randn((B, hq, wq, C), cfg, dt, grad, g), scale, keep)
+    return K.upsample_residual_reference, K.upsample_residual, inputs
+
+
+def _upsample_residual_bytes(B, h, w, s, esize, mode):
+    """fwd: read x (B H W C), low (B hq wq C), scale (C fp32, stages 3-4), keep (B fp32, fwd+bwd only:
+    drop path in training) + write out (B H W C); bwd: read dOut (B H W C), low (B hq wq C) + write
+    dlow (B hq wq C), dscale (C fp32) (dx is dOut itself: no copy)."""
+    C = S_DIMS[s - 1]
+    _, nq, _ = _grid_counts(h, w)
+    hw_, low = B * h * w * C, B * nq * C
+    scale = 4 * C if S_LAYER_SCALE[s - 1] is not None else 0
+    fwd = (2 * hw_ + low) * esize + scale + (4 * B if mode != "fwd" else 0)
+    return fwd if mode == "fwd" else fwd + (hw_ + 2 * low) * esize + scale
+
+
+def _dwconv(gelu: bool):
+    def functions(s, h, w):
+        Cp = _dwconv_channels(gelu)(s)
+
+        def inputs(cfg, B, dt, grad, i):
+            g = _gen(cfg, i)
+            wt = (_randn((Cp, 1, 3, 3), cfg, dt, False, g) / 3).requires_grad_(grad)
+            return (_randn((B, h, w, Cp), cfg, dt, grad, g), wt, _randn((Cp,), cfg, dt, grad, g))
+        return (lambda x, wt, b: K.dwconv3x3_reference(x, wt, b, gelu=gelu, residual=True),
+                lambda x, wt, b: K.dwconv3x3(x, wt, b, gelu=gelu, residual=True), inputs)
+    return functions
+
+
+def _dwconv_channels(gelu: bool):
+    return lambda s: S_DIMS[s - 1] * (int(S_MLP_RATIOS[s - 1]) if gelu else 1)
+
+
+def _dwconv_bytes(gelu: bool):
+    def nbytes(B, h, w, s, esize, mode):
+        """fwd: read x (B H W C') + write y (B H W C') (+ weights 10 C'); bwd: read dy, x (B H W C' each)
+        + write dx (B H W C') (+ dw, db)."""
+        C = _dwconv_channels(gelu)(s)
+        hw_ = B * h * w * C
+        fwd = 2 * hw_ * esize + 10 * C * esize
+        return fwd if mode == "fwd" else fwd + 3 * hw_ * esize + 10 * C * esize
+    return nbytes
+
+
+def _hrca(s, h, w):
+    C, heads, nq, ws = HRCA["C"], HRCA["heads"], HRCA["nq"], HRCA["window"]
+    n_win, k, _ = hrca_dims(h, w)
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        win = torch.rand((B, nq, n_win), device=cfg.device, generator=g).argsort(-1)[..., :k]
+        return (_randn((B, nq, C), cfg, dt, grad, g), _randn((B, h, w, 2 * C), cfg, dt, grad, g), win.contiguous())
+    return (lambda q, kv, win: K.hrca_attention_reference(q, kv[..., :C], kv[..., C:], win, ws, heads),
+            lambda q, kv, win: K.hrca_attention(q, kv[..., :C], kv[..., C:], win, ws, heads), inputs)
+
+
+def _hrca_bytes(B, h, w, s, esize, mode):
+    """Nq queries, K windows of ws x ws each, n_win windows in the map's grid; U = n_win (1 - (1 -
+    K/n_win)^Nq) = expected number of distinct windows the queries select (random distinct windows per
+    query): only their pixels must be read; maps divisible by ws, as in the sweep.
+    fwd: read q (B Nq C), win_idx (B Nq K int64), k, v (B U ws^2 C each) + write o (B Nq C);
+    bwd: read dO, q, o (B Nq C each), win_idx, k, v (B U ws^2 C each), lse (B heads Nq fp32) + write
+    dq (B Nq C), dk, dv (B H W C each: full maps)."""
+    C, nq, ws = HRCA["C"], HRCA["nq"], HRCA["window"]
+    n_win, k, _ = hrca_dims(h, w)
+    hw_ = B * h * w * C
+    sel = round(B * n_win * (1.0 - (1.0 - k / n_win) ** nq)) * ws * ws * C
+    idx = 8 * B * nq * k
+    fwd = (2 * B * nq * C + 2 * sel) * esize + idx
+    bwd = (4 * B * nq * C + 2 * sel + 2 * hw_) * esize + idx + 4 * B * HRCA["heads"] * nq
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def _hrca_flops(B, h, w, s, mode):
+    """Each of the Nq queries against its K ws^2 keys, ``2 B Nq (K ws^2) C`` per product."""
+    one = 2 * B * HRCA["nq"] * hrca_dims(h, w)[2] * HRCA["C"]
+    return one * (2 if mode == "fwd" else 6)
+
+
+OPS: Dict[str, OpEntry] = {e.name: e for e in (
+    OpEntry("pyramid_pool", lambda s: S_DIMS[s - 1], _pyramid_pool, _pyramid_pool_bytes),
+    OpEntry("lowres_attention", lambda s: S_DIMS[s - 1], _lowres_attention, _lowres_attention_bytes,
+            _lowres_attention_flops),
+    OpEntry("upsample_residual", lambda s: S_DIMS[s - 1], _upsample_residual, _upsample_residual_bytes),
+    OpEntry("dwconv_cpe", _dwconv_channels(False), _dwconv(False), _dwconv_bytes(False)),
+    OpEntry("dwconv_irb", _dwconv_channels(True), _dwconv(True), _dwconv_bytes(True)),
+    OpEntry("hrca_attention", lambda s: HRCA["C"], _hrca, _hrca_bytes, _hrca_flops, cuda_stage1_only=True,
+            shape_note=lambda h, w: "_Nq{}_K{}_ws{}".format(HRCA["nq"], hrca_dims(h, w)[1], HRCA["window"])),
+)}

@@ -1,0 +1,1 @@
+"""Data, training, evaluation and prediction."""

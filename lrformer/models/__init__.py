@@ -1,0 +1,1 @@
+"""The LRFormer model: tokens-last layers, encoder, LRHead and the segmentor."""

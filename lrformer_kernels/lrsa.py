@@ -1,0 +1,44 @@
+"""Low-resolution self-attention composed from the ops (no kernel of its own).
+
+:func:`lrsa_low` is the LRSA up to its low-resolution output, written once for the reference model
+(:class:`lrformer.models.layers.LRSA`) and for the released-code patches (:mod:`lrformer_kernels.released`):
+one pyramid-pooling call feeds the queries and all key/value levels (tokens-last, no copies besides
+the kv concatenation of the encoder's refined levels).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backend import Ops
+from .pyramid_pool import split_pyramid
+
+__all__ = ["lrsa_low"]
+
+
+def lrsa_low(ops: Ops, x: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
+             norm: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, scale: float,
+             d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
+    """LRSA of a normalised map x (B, H, W, C) up to the low-resolution branch (B, hq, wq, C).
+
+    grids: ``[query grid, kv grids...]``; q_weight/q_bias: the query projection as a matrix;
+    norm/kv/proj: the attention's LayerNorm, kv Linear and output Linear; d_convs: the encoder's
+    depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead).
+    """
+    B, H, W, C = x.shape
+    pooled = ops.pyramid_pool(x, grids)                     # (B, Nq + M, C), one call
+    hq, wq = grids[0]
+    nq = hq * wq
+    q = F.linear(pooled[:, :nq], q_weight, q_bias)
+    if d_convs is None:                                     # the kv tokens are already concatenated
+        kv_tokens = pooled[:, nq:]
+    else:
+        maps = split_pyramid(pooled, grids)[1:]
+        kv_tokens = torch.cat([ops.dwconv3x3(m, dc.weight, dc.bias, residual=True).reshape(B, -1, C)
+                               for m, dc in zip(maps, d_convs)], dim=1)
+    kvt = kv(norm(kv_tokens))
+    o = ops.lowres_attention(q, kvt[..., :C], kvt[..., C:], num_heads, scale)
+    return proj(o).reshape(B, hq, wq, C)
