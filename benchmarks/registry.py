@@ -218,6 +218,127 @@ def _hrca_flops(B, h, w, s, mode):
     return one * (2 if mode == "fwd" else 6)
 
 
+#: FASeg's HRCA branch at LRFormer-S+ (res2 width 64) on an image's stride-4 map: 256-wide decoder, 8 heads,
+#: 100 queries, one set of n0 // 32 windows of 8x8 per image (n0 = stride-32 tokens).
+HRCA_BRANCH = dict(C=256, heads=8, nq=100, window=8, omega=32, cin=64)
+
+
+def hrca_branch_windows(h: int, w: int) -> Tuple[int, int]:
+    """(stride-32 tokens n0 = windows in the grid, windows kept K) of an h x w stride-4 map."""
+    n0 = (-(-h // HRCA_BRANCH["window"])) * (-(-w // HRCA_BRANCH["window"]))
+    return n0, n0 // HRCA_BRANCH["omega"]
+
+
+def _hrca_branch(s, h, w):
+    """Reference: the res2 projection (1x1 conv + GN) and its depthwise PE over the whole stride-4 map,
+    then the selected windows gathered, attention with nn.MultiheadAttention.  Fused: the PE only on
+    the windows + halo (:class:`lrformer.decoders.faseg.WindowedPE`), attention through
+    ``lowres_attention``."""
+    import torch.nn as nn
+
+    from lrformer.decoders.common import fused_mha, mha
+    from lrformer.decoders.faseg import WindowedPE, gather_windows
+    from lrformer.decoders.msdeform import group_norm
+    C, cin, ws, nq = HRCA_BRANCH["C"], HRCA_BRANCH["cin"], HRCA_BRANCH["window"], HRCA_BRANCH["nq"]
+    n0, k = hrca_branch_windows(h, w)
+    gw = -(-w // ws)
+    mods = {}
+
+    def modules(device, dtype):
+        key = (device, dtype)
+        if key not in mods:
+            torch.manual_seed(0)
+            proj = nn.Sequential(nn.Conv2d(cin, C, 1), group_norm(C))
+            pos = nn.Conv2d(C, C, 3, padding=1, groups=C)
+            attn = nn.MultiheadAttention(C, HRCA_BRANCH["heads"])
+            mods[key] = [m.to(device=device, dtype=dtype) for m in (proj, pos, attn)]
+        return mods[key]
+
+    def reference(res2, fg_src, query, E, win):
+        proj, pos, attn = modules(res2.device, res2.dtype)
+        pe = pos(proj(res2))
+        keys, kpos = gather_windows(fg_src, win, ws, gw), gather_windows(pe, win, ws, gw)
+        return mha(attn, query + E, keys + kpos, keys)[0]
+
+    def fused(res2, fg_src, query, E, win):
+        proj, pos, attn = modules(res2.device, res2.dtype)
+        keys, kpos = gather_windows(fg_src, win, ws, gw), WindowedPE(res2, proj, pos).gather(win, ws, gw)
+        return fused_mha(attn, query + E, keys + kpos, keys, K.FUSED)
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        win = torch.rand((B, n0), device=cfg.device, generator=g).argsort(-1)[:, :k].contiguous()
+        return (_randn((B, cin, h, w), cfg, dt, grad, g), _randn((B, C, h, w), cfg, dt, grad, g),
+                _randn((B, nq, C), cfg, dt, grad, g), _randn((B, nq, C), cfg, dt, False, g), win)
+    return reference, fused, inputs
+
+
+def _hrca_branch_bytes(B, h, w, s, esize, mode):
+    """The fused design's fewest bytes (forward): read res2 once for its moments (B H W Cin), then the
+    windows' res2 pixels with a one-pixel halo (B K (ws+2)^2 Cin), the windows of the FPN map
+    (B K ws^2 C), the queries and E (2 B Nq C) + write the output (B Nq C).  (The reference also writes
+    and re-reads the full projected map and its PE, 4 B H W C more.)  fwd+bwd: twice the forward."""
+    C, cin, ws, nq = HRCA_BRANCH["C"], HRCA_BRANCH["cin"], HRCA_BRANCH["window"], HRCA_BRANCH["nq"]
+    _, k = hrca_branch_windows(h, w)
+    fwd = (B * h * w * cin + B * k * (ws + 2) ** 2 * cin + B * k * ws * ws * C + 3 * B * nq * C) * esize
+    return fwd if mode == "fwd" else 2 * fwd
+
+
+def _hrca_branch_flops(B, h, w, s, mode):
+    """Attention products of Nq queries against K ws^2 keys (2 per multiply-add)."""
+    _, k = hrca_branch_windows(h, w)
+    one = 2 * B * HRCA_BRANCH["nq"] * k * HRCA_BRANCH["window"] ** 2 * HRCA_BRANCH["C"]
+    return one * (2 if mode == "fwd" else 6)
+
+
+#: the pixel decoders' deformable encoder at LRFormer-S+ (both families): 256 channels = 8 heads x 32,
+#: 3 levels (strides 32, 16, 8), 4 points, every token a query.
+MSDA = dict(heads=8, head_dim=32, levels=3, points=4)
+
+
+def msda_shapes(h: int, w: int):
+    """Level shapes (strides 32, 16, 8) of an image whose stride-4 map is h x w."""
+    out = []
+    for k in (3, 2, 1):
+        hh, ww = h, w
+        for _ in range(k):
+            hh, ww = (hh + 1) // 2, (ww + 1) // 2
+        out.append((hh, ww))
+    return out
+
+
+def _msda(s, h, w):
+    shapes = msda_shapes(h, w)
+    S, M, D, L, P = sum(a * b for a, b in shapes), MSDA["heads"], MSDA["head_dim"], MSDA["levels"], MSDA["points"]
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        loc = torch.rand((B, S, M, L, P, 2), device=cfg.device, generator=g).to(dt).requires_grad_(grad)
+        wgt = torch.rand((B, S, M, L, P), device=cfg.device, generator=g).softmax(-1).to(dt).requires_grad_(grad)
+        return (_randn((B, S, M, D), cfg, dt, grad, g), loc, wgt)
+    return (lambda v, loc, wgt: K.ms_deform_attn_reference(v, shapes, loc, wgt),
+            lambda v, loc, wgt: K.ms_deform_attn(v, shapes, loc, wgt), inputs)
+
+
+def _msda_bytes(B, h, w, s, esize, mode):
+    """fwd: read value (B S M D), locations (B Nq M L P 2), weights (B Nq M L P) + write out (B Nq M D);
+    bwd: read dOut (B Nq M D), value, locations, weights + write dvalue (B S M D), dlocations, dweights.
+    Nq = S (the encoder's self-attention)."""
+    S = sum(a * b for a, b in msda_shapes(h, w))
+    M, D, L, P = MSDA["heads"], MSDA["head_dim"], MSDA["levels"], MSDA["points"]
+    vals, locw = B * S * M * D, B * S * M * L * P * 3
+    fwd = (2 * vals + locw) * esize
+    return fwd if mode == "fwd" else fwd + (3 * vals + 2 * locw) * esize
+
+
+def _msda_flops(B, h, w, s, mode):
+    """2 per multiply-add: forward 4 taps x D per (query, head, level, point); backward twice that
+    more (the <dO, v_tap> products and the value-gradient contributions)."""
+    S = sum(a * b for a, b in msda_shapes(h, w))
+    one = 2 * B * S * MSDA["heads"] * MSDA["levels"] * MSDA["points"] * 4 * MSDA["head_dim"]
+    return one if mode == "fwd" else 3 * one
+
+
 OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("pyramid_pool", lambda s: S_DIMS[s - 1], _pyramid_pool, _pyramid_pool_bytes),
     OpEntry("lowres_attention", lambda s: S_DIMS[s - 1], _lowres_attention, _lowres_attention_bytes,
@@ -227,4 +348,10 @@ OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("dwconv_irb", _dwconv_channels(True), _dwconv(True), _dwconv_bytes(True)),
     OpEntry("hrca_attention", lambda s: HRCA["C"], _hrca, _hrca_bytes, _hrca_flops, cuda_stage1_only=True,
             shape_note=lambda h, w: "_Nq{}_K{}_ws{}".format(HRCA["nq"], hrca_dims(h, w)[1], HRCA["window"])),
+    OpEntry("faseg_hrca_branch", lambda s: HRCA_BRANCH["C"], _hrca_branch, _hrca_branch_bytes, _hrca_branch_flops,
+            cuda_stage1_only=True, shape_note=lambda h, w: "_res2x{}_Nq{}_K{}_ws{}".format(
+                HRCA_BRANCH["cin"], HRCA_BRANCH["nq"], hrca_branch_windows(h, w)[1], HRCA_BRANCH["window"])),
+    OpEntry("ms_deform_attn", lambda s: MSDA["heads"] * MSDA["head_dim"], _msda, _msda_bytes, _msda_flops,
+            cuda_stage1_only=True, shape_note=lambda h, w: "_levels{}_M{}_P{}".format(
+                "+".join(f"{a}x{b}" for a, b in msda_shapes(h, w)), MSDA["heads"], MSDA["points"])),
 )}

@@ -7,7 +7,8 @@ kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference`
 * :func:`lowres_attention` — multi-head softmax attention over the low-resolution tokens;
 * :func:`upsample_residual` — ``x + layer_scale * drop_path_keep * bilinear(low)``;
 * :func:`dwconv3x3` — depthwise 3x3 conv + bias (+ GELU first) (+ residual);
-* :func:`hrca_attention` — cross-attention over selected windows of a high-resolution map (FASeg).
+* :func:`hrca_attention` — cross-attention over per-query windows of a high-resolution map;
+* :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders).
 
 Layout: ``_common`` (checks, launch helpers) <- one file per op <- ``backend`` (the reference and
 fused namespaces, the :class:`Fusable` switch) <- ``lrsa`` (LRSA composed from the ops) <-
@@ -37,6 +38,7 @@ from .fuse import fuse, unfuse
 from .hrca import hrca_attention, hrca_attention_reference, hrca_window_grid, hrca_window_pixels
 from .lowres_attention import lowres_attention, lowres_attention_reference
 from .lrsa import lrsa_low
+from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from .pyramid_pool import (adaptive_avg_pool, lrsa_grids, pool_grid, pyramid_pool, pyramid_pool_reference, pyramid_sizes,
                            split_pyramid)
 from .released import FusedIRB, FusedPoolingAttention
@@ -45,5 +47,6 @@ from .upsample_residual import bilinear_resize, branch_scale, upsample_residual,
 __all__ = ["pyramid_pool", "pyramid_pool_reference", "adaptive_avg_pool", "split_pyramid", "pool_grid", "pyramid_sizes", "lrsa_grids",
            "lowres_attention", "lowres_attention_reference", "upsample_residual", "upsample_residual_reference",
            "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "hrca_attention",
-           "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low",
+           "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low", "ms_deform_attn",
+           "ms_deform_attn_reference",
            "Ops", "REFERENCE", "FUSED", "Fusable", "fuse", "unfuse", "FusedPoolingAttention", "FusedIRB"]

@@ -142,3 +142,35 @@ def test_op_bytes_formula_forward(op, stage):
     out = eager(*inp)
     expect = tensor_bytes(inp) + tensor_bytes(out)
     assert R.OPS[op].bytes(2, h, w, stage, 4, "fwd") == expect
+
+
+def test_faseg_hrca_branch_entry():
+    """The FASeg HRCA-branch case (CUDA-only in the sweep): reference (full-map res2 PE) and fused (PE on
+    the windows, lowres_attention under the interpreter) agree in float64; its byte and FLOP formulas."""
+    entry = R.OPS["faseg_hrca_branch"]
+    h, w = 32, 64                                                    # 32 stride-32 tokens -> 1 window
+    assert R.hrca_branch_windows(h, w) == (32, 1)
+    ref, fused, inputs = entry.functions(1, h, w)
+    inp = inputs(SW.Config(device=torch.device("cpu")), 1, torch.float64, False, 0)
+    torch.testing.assert_close(fused(*inp), ref(*inp), rtol=1e-9, atol=1e-9)
+    C, cin = R.HRCA_BRANCH["C"], R.HRCA_BRANCH["cin"]
+    assert entry.bytes(2, 128, 128, 1, 2, "fwd") == (2 * 128 * 128 * cin + 2 * 8 * 100 * cin + 2 * 8 * 64 * C
+                                                     + 3 * 2 * 100 * C) * 2
+    assert entry.flops(2, 128, 128, 1, "fwd") == 2 * (2 * 2 * 100 * 8 * 64 * C)
+    names = lambda dev: {c.key["name"] for c in SW.op_cases(SW.default_config(torch.device(dev), quick=True))}  # noqa: E731
+    assert "faseg_hrca_branch" in names("cuda") and "faseg_hrca_branch" not in names("cpu")
+
+
+def test_ms_deform_attn_entry():
+    """The deformable-attention case (CUDA-only in the sweep) at the LRFormer-S+ decoder shapes: levels of
+    a 512 image are 16x16, 32x32, 64x64; reference and fused agree (interpreter, float64); formulas."""
+    entry = R.OPS["ms_deform_attn"]
+    assert R.msda_shapes(128, 128) == [(16, 16), (32, 32), (64, 64)]
+    ref, fused, inputs = entry.functions(1, 8, 12)                   # tiny: levels 1x2, 2x3, 4x6
+    inp = inputs(SW.Config(device=torch.device("cpu")), 1, torch.float64, False, 0)
+    torch.testing.assert_close(fused(*inp), ref(*inp), rtol=1e-10, atol=1e-10)
+    S = 16 * 16 + 32 * 32 + 64 * 64
+    assert entry.bytes(2, 128, 128, 1, 2, "fwd") == (2 * 2 * S * 256 + 2 * S * 8 * 3 * 4 * 3) * 2
+    assert entry.flops(2, 128, 128, 1, "fwd") == 2 * 2 * S * 8 * 3 * 4 * 4 * 32
+    names = lambda dev: {c.key["name"] for c in SW.op_cases(SW.default_config(torch.device(dev), quick=True))}  # noqa: E731
+    assert "ms_deform_attn" in names("cuda") and "ms_deform_attn" not in names("cpu")

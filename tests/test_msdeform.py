@@ -6,8 +6,8 @@ import torch
 
 from lrformer.decoders.faseg import FASegPixelDecoder
 from lrformer.decoders.mask2former import PixelDecoder
-from lrformer.decoders.msdeform import (MSDeformAttn, encoder_reference_points, ms_deform_attn,
-                               sine_position_encoding)
+from lrformer.decoders.msdeform import MSDeformAttn, encoder_reference_points, sine_position_encoding
+from lrformer_kernels import ms_deform_attn_reference as ms_deform_attn
 
 
 def bilinear_direct(v, x, y):

@@ -85,6 +85,8 @@ class WindowedPE:
         of the full PE map would give."""
         B, cin, H, W = self.x.shape
         K, ws = win.shape[1], window
+        if K == 0:
+            return self.x.new_zeros((B, 0, self.conv.out_channels))
         off = torch.arange(-1, ws + 1, device=win.device)
         rows = (win // grid_w)[:, :, None, None] * ws + off[:, None]        # (B, K, ws+2, 1)
         cols = (win % grid_w)[:, :, None, None] * ws + off[None, :]         # (B, K, 1, ws+2)

@@ -9,11 +9,13 @@ Conventions: token sequences are ``(B, N, C)``; maps are NCHW; sampling location
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lrformer_kernels import Fusable
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -22,37 +24,12 @@ def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, max(channels // 2, 1)), channels)
 
 
-def ms_deform_attn(value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
-    """Core of multi-scale deformable attention.
-
-    value (B, S, M, D): per-head values of all levels flattened row-major and concatenated
-    (``S = sum(H_l * W_l)`` in the order of ``shapes``); locations (B, Nq, M, L, P, 2) in ``[0, 1]``,
-    ``(x, y)``; weights (B, Nq, M, L, P) (softmax over ``L * P`` done by the caller).
-    Returns (B, Nq, M * D): ``sum_{l,p} weights * bilinear(value_l, location)`` per head.
-    """
-    B, S, M, D = value.shape
-    _, Nq, _, L, P, _ = locations.shape
-    if sum(h * w for h, w in shapes) != S:
-        raise ValueError(f"value has {S} tokens but shapes {list(shapes)} sum to {sum(h * w for h, w in shapes)}")
-    grids = 2 * locations - 1                                               # grid_sample's [-1, 1]
-    sampled, start = [], 0
-    for lvl, (h, w) in enumerate(shapes):
-        v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(B * M, D, h, w)
-        start += h * w
-        g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Nq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    sampled = torch.stack(sampled, dim=-2).flatten(-2)                      # (B*M, D, Nq, L*P)
-    w = weights.transpose(1, 2).reshape(B * M, 1, Nq, L * P)
-    out = (sampled * w).sum(-1)                                             # (B*M, D, Nq)
-    return out.reshape(B, M * D, Nq).transpose(1, 2)
-
-
-class MSDeformAttn(nn.Module):
+class MSDeformAttn(Fusable, nn.Module):
     """Multi-scale deformable attention module (Deformable DETR, Zhu et al. 2021, eq. 3).
 
     Each query predicts, per head and level, ``points`` offsets (in units of that level's pixels)
-    around its reference point and softmax weights over all ``levels * points`` samples.
+    around its reference point and softmax weights over all ``levels * points`` samples; the sampling
+    is ``self.ops.ms_deform_attn`` (the reference, or the fused kernel after ``lrformer_kernels.fuse``).
     """
 
     def __init__(self, dim: int = 256, levels: int = 3, heads: int = 8, points: int = 4):
@@ -95,7 +72,7 @@ class MSDeformAttn(nn.Module):
         # offsets are in pixels of each level: divide by (W_l, H_l) to get normalised units
         normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        return self.output_proj(ms_deform_attn(value, shapes, locations, weights))
+        return self.output_proj(self.ops.ms_deform_attn(value, shapes, locations, weights))
 
 
 def sine_position_encoding(b: int, h: int, w: int, dim: int, device=None, dtype=torch.float32,
