@@ -1,11 +1,12 @@
-"""``python -m benchmarks`` (console script ``lrformer-bench``): FLOPs, latency and memory sweeps.
+"""lrformer-bench (python -m benchmarks): FLOPs, latency and memory sweeps.
 
 Runs on whatever the machine has.  On CUDA: every section (FLOPs; attention FLOPs + latency; op,
 LRSA, block and model latency/memory, eager vs fused vs torch.compile, fp32 and bf16).  On a
 CPU-only machine: the FLOPs sweeps and CPU timings of the eager reference (fused and compiled
 timings need a GPU and are marked so).  Writes CSV + JSON per section, ``metadata.json``, PNG plots
-and ``summary.md`` to ``benchmarks/results/<device-slug>/`` (``--out`` to change), shows a progress
-bar and prints a summary at the end.  ``--max-minutes`` is a time budget: cases that no longer fit
+and ``summary.md`` to a fresh folder ``benchmarks/runs/<device-slug>-<time>/`` (never over the
+committed results; ``--commit-results`` writes ``benchmarks/results/<device-slug>/``, ``--out`` any
+folder), shows a progress bar and prints where it wrote at the end.  ``--max-minutes`` is a time budget: cases that no longer fit
 are skipped (recorded as ``skipped (time budget)``), never cut in the middle.
 """
 from __future__ import annotations
@@ -110,24 +111,39 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------- run
+def _sizes_arg(text: str):
+    """``--sizes``: comma-separated ``S`` or ``HxW`` with positive ints."""
+    try:
+        sizes = tuple(SW.parse_size(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes like 512,1024,1024x2048")
+    return sizes
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lrformer-bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny settings (tests, CI): seconds on a CPU")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device-slug>)")
-    p.add_argument("--results-root", default=None,
-                   help="write to RESULTS_ROOT/<device-slug> instead of benchmarks/results/<device-slug>")
+    p.add_argument("--out", default=None,
+                   help="results folder (default: a fresh benchmarks/runs/<device-slug>-<date-time>)")
+    p.add_argument("--results-root", default=None, help="write to RESULTS_ROOT/<device-slug>")
+    p.add_argument("--commit-results", action="store_true",
+                   help="write to benchmarks/results/<device-slug>, the committed results of this device")
     p.add_argument("--sections", default=",".join(SW.SECTIONS),
                    help=f"comma-separated subset of {','.join(SW.SECTIONS)}")
     p.add_argument("--dtype", default=None, help="comma-separated: fp32,bf16 (default: both on CUDA, fp32 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch of the op/LRSA/block cases and of the "
                                                            "training step (inference is batch 1)")
-    p.add_argument("--sizes", default=None, help="image sizes for every sweep, e.g. 512,1024,1024x2048")
+    p.add_argument("--sizes", default=None, type=_sizes_arg,
+                   help="image sizes for every sweep, e.g. 512,1024,1024x2048")
     p.add_argument("--variants", default=None, help="model variants for the model sweep, e.g. t,s")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget; cases that no longer fit are skipped (and reported)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 with --quick: steadier on a loaded box)")
     return p.parse_args(argv)
@@ -145,7 +161,7 @@ def make_config(args) -> SW.Config:
     if args.batch:
         cfg.batch = cfg.train_batch = args.batch
     if args.sizes:
-        sizes = tuple(SW.parse_size(s) for s in args.sizes.split(",") if s.strip())
+        sizes = args.sizes
         cfg.flops_sizes = cfg.attn_sizes = cfg.op_images = cfg.model_sizes = sizes
         if cfg.attn_latency_sizes:
             cfg.attn_latency_sizes = sizes
@@ -182,7 +198,12 @@ def _run(argv=None) -> str:
         torch.set_num_threads(threads)
     name = device_name(dev)
     slug = slugify(name.replace("CPU ", "cpu-")) + ("-quick" if args.quick else "")
-    out = args.out or os.path.join(args.results_root or os.path.join(HERE, "results"), slug)
+    if args.out:
+        out = args.out
+    elif args.results_root or args.commit_results:
+        out = os.path.join(args.results_root or os.path.join(HERE, "results"), slug)
+    else:
+        out = os.path.join(HERE, "runs", f"{slug}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     ver = versions()
     started = _dt.datetime.now().isoformat(timespec="seconds")
@@ -340,8 +361,9 @@ def _write_all(out: str, rows: Dict[str, List[dict]], copy_bw, meta: Optional[di
 
 
 def main(argv=None):
-    run(argv)
-    return 0
+    """Console-script entry point: one-line errors (``--debug`` shows the traceback)."""
+    from lrformer.engine.cli import run_cli
+    return run_cli(run, "lrformer-bench", argv)
 
 
 if __name__ == "__main__":

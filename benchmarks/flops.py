@@ -12,6 +12,7 @@ cost no memory and no time.
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 from collections import Counter
 from typing import Callable, Dict
@@ -164,17 +165,33 @@ REFERENCE_PARAMS = {"lrformer_t": 13_264_894, "lrformer_s": 32_223_670, "lrforme
                     "lrformer_l": 110_979_750}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["lrformer_t", "lrformer_s", "lrformer_b", "lrformer_l"])
-    p.add_argument("--sizes", nargs="+", default=["512x512", "640x640", "1024x1024", "1024x2048", "2048x2048"])
+def _size(text: str):
+    parts = text.lower().split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]), int(parts[0]))
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 512 or 1024x2048")
+    return h, w
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="lrformer-flops", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["lrformer_t", "lrformer_s", "lrformer_b", "lrformer_l"],
+                   help="model names (lrformer.model_names())")
+    p.add_argument("--sizes", nargs="+", type=_size, default=["512x512", "640x640", "1024x1024", "1024x2048",
+                                                              "2048x2048"],
+                   help="image sizes, HxW or S")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: 19 at 1024x2048 (Cityscapes), 150 otherwise (ADE20K)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
+    args.sizes = [_size(s) if isinstance(s, str) else s for s in args.sizes]
     print(f"{'model':<12} {'size':>10} {'classes':>7} {'params (M)':>11} {'GFLOPs':>9} {'reference':>10}")
     for name in args.models:
-        for size in args.sizes:
-            h, w = (int(v) for v in size.lower().split("x"))
+        for h, w in args.sizes:
+            size = f"{h}x{w}"
             nc = args.num_classes or (19 if (h, w) == (1024, 2048) else 150)
             r = model_flops(name, h, w, nc)
             ref = REFERENCE_GFLOPS.get((name, h, w, nc))
@@ -182,5 +199,11 @@ def main(argv=None):
             print(f"{name:<12} {size:>10} {nc:>7} {r['params'] / 1e6:>11.2f} {r['flops'] / 1e9:>9.1f} {ref_s:>10}")
 
 
+def main(argv=None):
+    """Console-script entry point (``lrformer-flops``): one-line errors (``--debug`` for the traceback)."""
+    from lrformer.engine.cli import run_cli
+    return run_cli(run, "lrformer-flops", argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -110,7 +110,8 @@ def plot_attention(folder, out):
     if rows:
         _per_stage_lines(folder, rows, "gflops", "GFLOPs, one layer (log)", "attention_flops.png",
                          "One attention layer at LRFormer-S stage widths: LRSA vs SegFormer SRA vs global "
-                         "vs Swin window", meta, out)
+                         "vs Swin window\n(SRA's reduction ratio is 1 at stage 4: it is global attention there, "
+                         "the two curves coincide)", meta, out)
     meta, rows = load(folder, "attention_latency")
     rows = [dict(r, kind=r["name"]) for r in rows if r.get("median_ms")]
     if rows:
@@ -125,7 +126,7 @@ def _bar_grid(folder, name, rows, group_key, fname, title, meta, out):
     groups = sorted({r[group_key] for r in rows}, key=lambda g: [r[group_key] for r in rows].index(g))
     modes = sorted({r["mode"] for r in rows})
     impls = [i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in rows)]
-    fig, axes = plt.subplots(len(modes), len(groups), figsize=(3.2 * len(groups), 2.9 * len(modes)),
+    fig, axes = plt.subplots(len(modes), len(groups), figsize=(max(7.0, 3.2 * len(groups)), 3.0 * len(modes)),
                              squeeze=False)
     for i, mode in enumerate(modes):
         for j, g in enumerate(groups):
@@ -142,13 +143,13 @@ def _bar_grid(folder, name, rows, group_key, fname, title, meta, out):
             ax.set_xticks([x + wdt * (len(impls) - 1) / 2 for x in range(len(stages))])
             ax.set_xticklabels([f"s{s}" for s in stages])
             ax.set_title(f"{g} {mode}", fontsize=8)
-            ax.set_yscale("log")
+            ax.set_ylim(bottom=0)                   # bars start at zero: heights compare honestly
             ax.grid(True, axis="y", alpha=0.3)
             if j == 0:
-                ax.set_ylabel("median ms (log)")
+                ax.set_ylabel("median ms")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title + "\n" + _title(meta), fontsize=9)
-    _save(fig, folder, fname, out, dpi=110)
+    _save(fig, folder, fname, out, dpi=130)
 
 
 def plot_levels(folder, out):

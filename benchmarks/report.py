@@ -55,7 +55,7 @@ def flops_table(folder) -> str:
     for m in models:
         by = {r["image"]: r for r in rows if r["model"] == m}
         first = next(iter(by.values()))
-        out.append([m, f"{first.get('params_m', 0):.2f} M"] +
+        out.append([m, f"{first.get('params', 0) / 1e6:.2f} M"] +
                    [(f"{by[i]['gflops']:.1f}" if i in by and by[i].get("gflops") is not None else "-") for i in images])
     hdr = ["model", "params"] + [f"{i}" + (" (19 cls)" if i == "1024x2048" else "") for i in images]
     return "### FLOPs (G, multiply-adds; 150 classes unless noted)\n\n" + _table(hdr, out)

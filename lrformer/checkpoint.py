@@ -1,8 +1,10 @@
 """Loading the released (mmseg-format) checkpoints with their exact parameter names."""
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -10,6 +12,57 @@ import torch.nn as nn
 
 class CheckpointMismatch(RuntimeError):
     """The checkpoint's keys or shapes do not match the model (message lists them)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose content or checksum is not what was expected."""
+
+
+def is_url(path) -> bool:
+    return isinstance(path, str) and urlparse(path).scheme in ("http", "https", "file", "ftp")
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_checkpoint(path_or_url: Union[str, os.PathLike], sha256: Optional[str] = None) -> str:
+    """A local path for a checkpoint given as a path or a URL (``http(s)://``, ``file://``): URLs are
+    downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``).  With ``sha256``, the
+    file's SHA-256 must start with it (a full digest or a prefix of at least 8 hex digits)."""
+    path = os.fspath(path_or_url)
+    if is_url(path):
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        os.makedirs(cache, exist_ok=True)
+        local = os.path.join(cache, os.path.basename(urlparse(path).path) or "checkpoint.pth")
+        if not os.path.exists(local):
+            try:
+                torch.hub.download_url_to_file(path, local, progress=True)
+            except Exception as e:  # noqa: BLE001 - any network/IO failure, named once
+                raise CheckpointError(f"cannot download {path}: {type(e).__name__}: {e}") from e
+        path = local
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if sha256:
+        if len(sha256) < 8:
+            raise ValueError(f"sha256 must be at least 8 hex digits, got {sha256!r}")
+        digest = sha256_of(path)
+        if not digest.startswith(sha256.lower()):
+            raise CheckpointError(f"{path}: SHA-256 {digest} does not match the expected {sha256}")
+    return path
+
+
+def read_checkpoint(path: str, map_location="cpu"):
+    """``torch.load`` (weights only) with a one-line error naming the file when it is not a checkpoint."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, not a zip/pickle, foreign objects ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated, or not written by "
+                              f"torch.save; {type(e).__name__})") from e
 
 
 def _unwrap(obj) -> dict:
@@ -36,20 +89,28 @@ def adapt_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> dic
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping], strict: bool = True,
-                    map_location="cpu", verbose: bool = False):
+                    map_location="cpu", verbose: bool = False, sha256: Optional[str] = None):
     """Load a released LRFormer checkpoint (path or state dict) into ``model``.
 
     Accepts the mmseg files (``state_dict`` wrapper, ``backbone.``/``decode_head.`` prefixes) and the
     encoder-only ImageNet files.  An encoder-only file loaded into a segmentor loads the encoder
     strictly and reports the head as missing (it is trained from scratch).  Raises
     :class:`CheckpointMismatch` naming every missing, unexpected or mis-shaped key otherwise.
-    Returns ``(missing, unexpected)``.
+    ``checkpoint`` may be a path, a URL (downloaded once into torch's hub cache) or a state dict;
+    ``sha256`` checks the file.  Returns ``(missing, unexpected)``.
     """
+    where = "checkpoint"
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
-    raw = _unwrap(checkpoint)
+        where = fetch_checkpoint(checkpoint, sha256)
+        checkpoint = read_checkpoint(where, map_location)
+    try:
+        raw = _unwrap(checkpoint)
+    except TypeError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    if not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        bad = next(k for k, v in raw.items() if not isinstance(v, torch.Tensor))
+        raise CheckpointError(f"{where}: entry {bad!r} is a {type(raw[bad]).__name__}, not a tensor "
+                              f"(not a model state dict)")
     encoder_only_file = hasattr(model, "backbone") and not any(
         k.startswith(("backbone.", "decode_head.", "module.backbone.")) for k in raw)
     state = adapt_state_dict(raw, model)

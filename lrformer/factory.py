@@ -63,14 +63,15 @@ def create_query_model(family: str, variant: str, num_classes: int = 150, encode
 
 
 def create_model(name: str, num_classes: int = 150, fused: bool = False, pretrained=None,
-                 **overrides) -> nn.Module:
+                 pretrained_sha256: Optional[str] = None, **overrides) -> nn.Module:
     """Build ``lrformer_t/s/b/l`` (segmentor), ``lrformer_{t,s,b,l,xl}_plus`` (LRFormer+, query decoder)
     or ``lrformer_{t,s,b,l,xl}_encoder``.
 
     overrides: encoder settings (``drop_path_rate``, ``embed_dims``, ``depths``, ``num_heads``,
     ``mlp_ratios``, ``q_size``, ``layer_scale_init``, ...) and head settings (``head_channels``,
     ``num_heads_head``, ``head_q_size``, ``head_kv_sizes``, ``head_mlp_ratio``, ``dropout``).
-    ``pretrained``: a checkpoint path or state dict, loaded with :func:`lrformer.load_checkpoint`.
+    ``pretrained``: a checkpoint path, URL (``https://``, ``file://``: downloaded once into torch's hub
+    cache) or state dict, loaded with :func:`lrformer.load_checkpoint`; ``pretrained_sha256`` checks the file.
     ``fused=True`` swaps in the fused Triton LRSA/blocks (``lrformer_kernels.fuse``).
     LRFormer+ models take encoder overrides and the decoder/loss overrides of
     :data:`lrformer.decoders.plus.PLUS_KEYS` (``hidden_dim``, ``num_queries``, ``dec_layers``, ``enc_layers``, ...).
@@ -107,7 +108,7 @@ def create_model(name: str, num_classes: int = 150, fused: bool = False, pretrai
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(model_names())}")
     if pretrained is not None:
         from .checkpoint import load_checkpoint
-        load_checkpoint(model, pretrained)
+        load_checkpoint(model, pretrained, sha256=pretrained_sha256)
     if fused:
         from lrformer_kernels import fuse
         fuse(model)

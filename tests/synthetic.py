@@ -67,3 +67,18 @@ def make_cityscapes(root: str, n_train: int = 4, n_val: int = 2, size=(32, 64), 
             Image.fromarray(img).save(os.path.join(root, "leftImg8bit", split, city, stem + "_leftImg8bit.png"))
             Image.fromarray(label).save(os.path.join(root, "gtFine", split, city, stem + "_gtFine_labelTrainIds.png"))
     return root
+
+
+def make_coco_stuff(root: str, n_train: int = 6, n_val: int = 3, size=(40, 56), num_classes: int = 4,
+                    seed: int = 0) -> str:
+    """Write ``images/{train2017,val2017}/*.jpg`` + ``annotations/<split>/*_labelTrainIds.png`` (ids 0..n-1)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train2017", n_train), ("val2017", n_val)):
+        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+        os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
+        for i in range(n):
+            img, label = make_sample(rng, size, num_classes)
+            stem = f"{i:012d}"
+            Image.fromarray(img).save(os.path.join(root, "images", split, stem + ".jpg"), quality=95)
+            Image.fromarray(label).save(os.path.join(root, "annotations", split, stem + "_labelTrainIds.png"))
+    return root

@@ -312,3 +312,51 @@ def test_torch_compile_jit_trace_export():
         assert torch.allclose(ep.module()(x), ref, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(m, fullgraph=True, dynamic=False)
         assert torch.allclose(compiled(x), ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- newcomer's errors
+def test_pretrained_by_url_with_sha256_and_garbage_files(tmp_path, monkeypatch):
+    """create_model(pretrained=URL): downloaded once into torch's hub cache (a file:// URL here), the
+    SHA-256 checked; a garbage or foreign file is a one-line CheckpointError naming it."""
+    import hashlib
+    kw = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), head_channels=16)
+    src = lrformer.create_model("lrformer_t", num_classes=5, **kw)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": src.state_dict()}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    m = lrformer.create_model("lrformer_t", num_classes=5, pretrained=path.as_uri(), pretrained_sha256=digest[:12], **kw)
+    assert (tmp_path / "hub" / "checkpoints" / "w.pth").exists()
+    for (k, a), b in zip(m.state_dict().items(), src.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(lrformer.CheckpointError, match="SHA-256"):
+        lrformer.create_model("lrformer_t", num_classes=5, pretrained=str(path), pretrained_sha256="deadbeef", **kw)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(lrformer.CheckpointError, match="garbage.pth: not a readable PyTorch checkpoint"):
+        lrformer.create_model("lrformer_t", num_classes=5, pretrained=str(garbage), **kw)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"epoch": 3, "note": "hello"}, foreign)
+    with pytest.raises(lrformer.CheckpointError, match="foreign.pth: entry 'epoch'"):
+        lrformer.create_model("lrformer_t", num_classes=5, pretrained=str(foreign), **kw)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        lrformer.create_model("lrformer_t", num_classes=5, pretrained=str(tmp_path / "nope.pth"), **kw)
+
+
+def test_bad_images_and_labels_are_one_line_errors():
+    import numpy as np
+    m = lrformer.create_model("lrformer_t", num_classes=5, embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1),
+                              head_channels=16)
+    with pytest.raises(ValueError, match="channels last"):
+        m(torch.zeros(1, 32, 32, 3))
+    with pytest.raises(TypeError, match="preprocess"):
+        m(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        m(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="labels hold 200"):
+        m.loss(torch.zeros(1, 3, 32, 32), torch.full((1, 32, 32), 200))
+    x = lrformer.preprocess(np.full((32, 40, 3), 124, np.uint8))
+    assert x.shape == (1, 3, 32, 40) and x.dtype == torch.float32 and abs(x[0, 0].mean().item()) < 0.01
+    m.train()
+    a, b = m.predict(x), m.predict(x)                  # eval mode inside predict: same labels twice
+    assert torch.equal(a, b) and m.training

@@ -389,3 +389,23 @@ def test_short_edge_resize_and_raw_pad():
     t2 = TrainTransform(crop_size=(50, 50), resize="short_edge", short_edges=(100,), max_long=120)
     x2, _ = t2(np.zeros((100, 300, 3), np.uint8), np.zeros((100, 300), np.uint8), rng)
     assert x2.shape == (3, 50, 50)                                       # long edge capped: 40x120 -> padded
+
+
+def test_coco_stuff_layout_trains_and_evaluates(tmp_path):
+    """COCO-Stuff-164k (images/{train2017,val2017} + annotations/<split>/*_labelTrainIds.png): its
+    defaults (171 classes, 2048x512 scale, whole inference), a short training run and the evaluator."""
+    from synthetic import make_coco_stuff
+    from lrformer.engine.data import DATASET_DEFAULTS, find_pairs
+    d = DATASET_DEFAULTS["coco_stuff164k"]
+    assert (d["num_classes"], d["scale"], d["test_mode"], d["reduce_zero_label"]) == (171, (2048, 512), "whole", False)
+    root = make_coco_stuff(str(tmp_path / "coco"))
+    assert len(find_pairs(root, "train", "coco_stuff164k")) == 6 and len(find_pairs(root, "val", "coco_stuff164k")) == 3
+    res = lr_train.main(tiny_args(root, str(tmp_path / "run"), 2, "--dataset", "coco_stuff164k", "--batch-size", "2",
+                                  "--log-interval", "1", "--eval-interval", "2"))
+    assert res["step"] == 2 and res["eval"]["num_images"] == 3 and 0.0 <= res["eval"]["mIoU"] <= 1.0
+    ev = lr_evaluate.main(["--data", root, "--checkpoint", str(tmp_path / "run" / "latest.pth"), "--device", "cpu",
+                           "--test-scale", "0", "0", "--workers", "0"])
+    assert ev["num_images"] == 3
+    os.remove(os.path.join(root, "annotations", "val2017", "000000000001_labelTrainIds.png"))
+    with pytest.raises(lrformer.engine.data.DataError, match="000000000001_labelTrainIds.png"):
+        find_pairs(root, "val", "coco_stuff164k")

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.segmentor import check_images, check_labels, eval_mode
 from .common import semantic_inference
 from .matching import SetCriterion, semantic_targets
 
@@ -48,8 +49,7 @@ class QuerySegmentor(nn.Module):
         return self.decode_head.num_classes
 
     def forward(self, images: torch.Tensor) -> Dict:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        check_images(images)
         return self.decode_head(self.backbone(images))
 
     def predict(self, images: torch.Tensor, return_labels: bool = True) -> torch.Tensor:
@@ -59,14 +59,10 @@ class QuerySegmentor(nn.Module):
         without gradients whatever the model's mode (restored after)."""
         H, W = images.shape[-2:]
         d = self.size_divisor
+        check_images(images)
         padded = F.pad(images, (0, -W % d, 0, -H % d))
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                out = self(padded)
-        finally:
-            self.train(was_training)
+        with eval_mode(self):
+            out = self(padded)
         masks = F.interpolate(out["pred_masks"], size=padded.shape[-2:], mode="bilinear", align_corners=False)
         scores = semantic_inference(out["pred_logits"].float(), masks.float())[..., :H, :W]
         return scores.argmax(1) if return_labels else scores
@@ -74,8 +70,7 @@ class QuerySegmentor(nn.Module):
     def loss_dict(self, images: torch.Tensor, labels: torch.Tensor,
                   outputs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
         """All weighted loss terms and their sum ``"loss"``; labels (B, H, W) int64, 255 = ignore."""
-        if labels.dim() != 3:
-            raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
+        check_labels(labels, self.num_classes)
         if outputs is None:
             outputs = self(images)
         return self.criterion(outputs, semantic_targets(labels.to(images.device), IGNORE_INDEX))

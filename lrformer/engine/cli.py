@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="fused Triton kernels (default: on when CUDA is available)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available")
+    add_debug_arg(p)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -74,16 +75,15 @@ def build_model(args) -> nn.Module:
     from ..factory import create_model
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(args.model_kwargs).items()}
     return create_model(args.model, num_classes=args.num_classes, fused=bool(args.fused),
-                        pretrained=getattr(args, "pretrained", None), **kw)
+                        pretrained=getattr(args, "pretrained", None),
+                        pretrained_sha256=getattr(args, "pretrained_sha256", None), **kw)
 
 
 def load_trained(args, checkpoint: str) -> nn.Module:
     """Build the model described by ``args`` (completed from the checkpoint's meta) and load
     ``checkpoint`` (ours, or a released mmseg file) into it."""
-    from ..checkpoint import load_checkpoint
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    from ..checkpoint import fetch_checkpoint, load_checkpoint, read_checkpoint
+    ckpt = read_checkpoint(fetch_checkpoint(checkpoint))
     apply_checkpoint_meta(args, ckpt.get("meta") if isinstance(ckpt, dict) else None)
     resolve_defaults(args)
     fused, args.fused = args.fused, False
@@ -102,3 +102,25 @@ def amp_dtype_from(name: str, device: torch.device) -> Optional[torch.dtype]:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+
+
+def add_debug_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def run_cli(main: Callable, prog: str, argv=None) -> int:
+    """Console-script wrapper: ``main(argv)``; an error prints one line ``prog: error: ...`` (the full
+    traceback with ``--debug``) and exits with status 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
+        if "--debug" in argv:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{prog}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0

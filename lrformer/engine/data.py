@@ -97,6 +97,10 @@ DATASET_DEFAULTS = {
                    val_split="validation", test_mode="whole", test_crop=(512, 512), test_stride=(341, 341)),
     "cityscapes": dict(num_classes=19, scale=(2048, 1024), reduce_zero_label=False, train_split="train",
                        val_split="val", test_mode="slide", test_crop=(1024, 1024), test_stride=(768, 768)),
+    # COCO-Stuff-164k: mmseg's coco-stuff164k config (random resize 0.5-2.0 of 2048x512, crop 512, whole
+    # inference at 2048x512); labels 0..170 (171 classes), 255 ignored
+    "coco_stuff164k": dict(num_classes=171, scale=(2048, 512), reduce_zero_label=False, train_split="train2017",
+                           val_split="val2017", test_mode="whole", test_crop=(512, 512), test_stride=(341, 341)),
 }
 
 
@@ -105,9 +109,12 @@ DATASET_DEFAULTS = {
 # ----------------------------------------------------------------------------------------------
 
 def _split_name(layout: str, split: str) -> str:
-    """Accept 'train'/'val' for either layout ('training'/'validation' in ADE20K)."""
+    """Accept 'train'/'val' for every layout ('training'/'validation' in ADE20K, 'train2017'/'val2017'
+    in COCO-Stuff)."""
     if layout == "ade20k":
         return {"train": "training", "val": "validation"}.get(split, split)
+    if layout == "coco_stuff164k":
+        return {"train": "train2017", "training": "train2017", "val": "val2017", "validation": "val2017"}.get(split, split)
     return {"training": "train", "validation": "val"}.get(split, split)
 
 
@@ -116,23 +123,29 @@ def find_pairs(root: str, split: str, layout: str = "ade20k") -> List[Tuple[str,
     it is missing or empty and naming the image when its label file is missing.
 
     ADE20K: ``root/images/<split>/X.jpg`` with ``root/annotations/<split>/X.png``.
+    COCO-Stuff-164k: ``root/images/{train2017,val2017}/X.jpg`` with ``root/annotations/<split>/X_labelTrainIds.png``
+    (mmseg's converted label ids 0..170, 255 ignored) or ``X.png`` holding the same ids.
     Cityscapes: ``root/leftImg8bit/<split>/<city>/X_leftImg8bit.png`` with
     ``root/gtFine/<split>/<city>/X_gtFine_labelTrainIds.png``.
     """
     split = _split_name(layout, split)
     pairs = []
-    if layout == "ade20k":
+    if layout in ("ade20k", "coco_stuff164k"):
         img_dir, ann_dir = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
         if not os.path.isdir(img_dir):
-            raise DataError(f"image folder not found: {img_dir} (expected the ADE20K layout "
-                            f"images/{{training,validation}} + annotations/{{training,validation}})")
+            splits = "training,validation" if layout == "ade20k" else "train2017,val2017"
+            raise DataError(f"image folder not found: {img_dir} (expected the {layout} layout "
+                            f"images/{{{splits}}} + annotations/{{{splits}}})")
+        suffixes = ("_labelTrainIds.png", ".png") if layout == "coco_stuff164k" else (".png",)
         for name in sorted(os.listdir(img_dir)):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTS:
                 continue
-            label = os.path.join(ann_dir, stem + ".png")
-            if not os.path.isfile(label):
-                raise DataError(f"missing label for image {os.path.join(img_dir, name)}: expected {label}")
+            label = next((os.path.join(ann_dir, stem + sfx) for sfx in suffixes
+                          if os.path.isfile(os.path.join(ann_dir, stem + sfx))), None)
+            if label is None:
+                raise DataError(f"missing label for image {os.path.join(img_dir, name)}: expected "
+                                f"{os.path.join(ann_dir, stem + suffixes[0])}")
             pairs.append((os.path.join(img_dir, name), label))
     elif layout == "cityscapes":
         img_dir, ann_dir = os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split)
@@ -152,7 +165,7 @@ def find_pairs(root: str, split: str, layout: str = "ade20k") -> List[Tuple[str,
                     raise DataError(f"missing label for image {os.path.join(cdir, name)}: expected {label}")
                 pairs.append((os.path.join(cdir, name), label))
     else:
-        raise ValueError(f"unknown dataset layout {layout!r}; choose 'ade20k' or 'cityscapes'")
+        raise ValueError(f"unknown dataset layout {layout!r}; choose from {', '.join(DATASET_DEFAULTS)}")
     if not pairs:
         raise DataError(f"no images found in {img_dir}")
     return pairs
@@ -303,6 +316,23 @@ def normalize(img: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) RGB -> float32 (3, H, W) normalised with :data:`MEAN` / :data:`STD`."""
     x = (img.astype(np.float32) - MEAN) / STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def preprocess(image) -> torch.Tensor:
+    """What the models take, from an RGB image: a file path, a PIL image, or a uint8 array/tensor
+    (H, W, 3) -> float32 (1, 3, H, W) normalised with the ImageNet mean/std on the 0-255 scale."""
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(str(image))
+    elif isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"preprocess takes an RGB image (H, W, 3), a PIL image or a path, got {shape}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"preprocess takes uint8 pixels (0-255), got {image.dtype}")
+    return normalize(image)[None]
 
 
 def to_tensor(img: np.ndarray, label: np.ndarray):

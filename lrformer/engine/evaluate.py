@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import run_cli
 from .data import (DATASET_DEFAULTS, IGNORE_INDEX, SegDataset, class_names_for, normalize, rescale_size,
                    resize_image)
 
@@ -260,8 +261,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def cli():
-    """Console-script entry point (``lrformer-evaluate``): exit status 0 on success."""
-    main()
+    """Console-script entry point (``lrformer-evaluate``): one-line errors (``--debug`` for the traceback)."""
+    sys.exit(run_cli(main, "lrformer-evaluate"))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Inference options (``--mode slide``, ``--flip``, ``--ratios``, ``--test-scale``)
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
+from .cli import run_cli
 from .data import DATASET_DEFAULTS, palette_for, read_image
 
 
@@ -82,8 +84,8 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
 
 def cli():
-    """Console-script entry point (``lrformer-predict``): exit status 0 on success."""
-    main()
+    """Console-script entry point (``lrformer-predict``): one-line errors (``--debug`` for the traceback)."""
+    sys.exit(run_cli(main, "lrformer-predict"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .cli import HelpFormatter, add_model_args, amp_dtype_from, build_model, resolve_defaults
+from .cli import HelpFormatter, add_model_args, amp_dtype_from, build_model, resolve_defaults, run_cli
 from .recipes import format_recipe, param_groups, recipe_for
 from .data import DATASET_DEFAULTS, SegDataset, StepBatchSampler, TrainTransform, collate, worker_init
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_buffers, cleanup, convert_sync_batchnorm,
@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root (ADE20K or Cityscapes layout)")
     p.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), default="ade20k", help="folder layout / recipe")
     p.add_argument("--work-dir", required=True, help="checkpoints and logs go here")
-    p.add_argument("--pretrained", default=None, help="ImageNet encoder checkpoint (or a full segmentor file)")
+    p.add_argument("--pretrained", default=None,
+                   help="ImageNet encoder checkpoint or a full segmentor file: a path or a URL (downloaded once "
+                        "into torch's hub cache)")
+    p.add_argument("--pretrained-sha256", default=None, help="expected SHA-256 (or a prefix) of --pretrained")
     p.add_argument("--resume", default=None, help="'auto' (work_dir/latest.pth when present) or a checkpoint path")
     add_model_args(p)
     g = p.add_argument_group("schedule (defaults: the model family's released recipe, see --print-config)")
@@ -375,8 +378,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def cli():
-    """Console-script entry point (``lrformer-train``): exit status 0 on success."""
-    main()
+    """Console-script entry point (``lrformer-train``): one-line errors (``--debug`` for the traceback)."""
+    sys.exit(run_cli(main, "lrformer-train"))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,56 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
+def check_images(images, where: str = "images") -> None:
+    """A clear ValueError/TypeError for what the model cannot take: it expects RGB float images (B, 3, H, W),
+    normalised with the ImageNet mean/std on the 0-255 scale (:func:`lrformer.preprocess` does it)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor (B, 3, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{where} has dtype {images.dtype}; the model takes float images normalised with the "
+                        f"ImageNet mean/std (use lrformer.preprocess(image) on uint8 RGB images)")
+    if images.dim() != 4:
+        raise ValueError(f"{where} must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        hint = " (channels last? use images.permute(0, 3, 1, 2))" if images.shape[-1] == 3 else ""
+        raise ValueError(f"{where} must have 3 (RGB) channels in dim 1, got shape {tuple(images.shape)}{hint}")
+
+
+def check_labels(labels, num_classes: int) -> None:
+    """Labels (B, H, W) integers in [0, num_classes) or 255 (ignored).  The value range is checked on
+    CPU tensors only (on a GPU it would cost a host sync every training step)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be (B, H, W), got {shape}")
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+    if labels.is_cuda:
+        return
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        v = int(labels[bad][0])
+        raise ValueError(f"labels hold {v}, outside [0, {num_classes}) and not the ignore index {IGNORE_INDEX}")
+
+
+class eval_mode:
+    """Context: the module in eval mode without gradients, its previous mode restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.grad = torch.no_grad()
+        self.grad.__enter__()
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+        self.grad.__exit__(*exc)
+        return False
+
+
 class LRFormerSegmentor(nn.Module):
     """``forward(images)`` -> logits at stride 8; ``predict`` -> full-size logits or labels;
     ``loss(images, labels)`` -> cross-entropy (ignore 255) on logits upsampled to the labels."""
@@ -24,19 +74,20 @@ class LRFormerSegmentor(nn.Module):
         return self.decode_head.num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
         return self.decode_head(self.backbone(images))
 
-    @torch.no_grad()
     def predict(self, images: torch.Tensor, return_labels: bool = True) -> torch.Tensor:
-        """Full-size (B, classes, H, W) logits, or (B, H, W) int64 labels if ``return_labels``."""
-        logits = F.interpolate(self(images), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        """Full-size (B, classes, H, W) logits, or (B, H, W) int64 labels if ``return_labels``.  Runs in
+        eval mode without gradients whatever the model's mode (restored after)."""
+        with eval_mode(self):
+            logits = F.interpolate(self(images), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits.argmax(1) if return_labels else logits
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor,
              logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-entropy with ignore index 255; labels (B, H, W) int64 at any size."""
-        if labels.dim() != 3:
-            raise ValueError(f"labels must be (B, H, W), got shape {tuple(labels.shape)}")
+        check_labels(labels, self.num_classes)
         if logits is None:
             logits = self(images)
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
