@@ -57,10 +57,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+#: SM count assumed for non-CUDA devices (the ahead-of-time compile check sets an H100's 132 to record the
+#: launches a GPU would get; 1 otherwise)
+DEFAULT_SMS = 1
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 for any other device)."""
+    """Streaming multiprocessors of a CUDA device (:data:`DEFAULT_SMS` for any other device)."""
     if device.type != "cuda":
-        return 1
+        return DEFAULT_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -75,6 +80,22 @@ def split_f32(x: float):
     hi = float(torch.tensor(x, dtype=torch.float32))
     lo = float(torch.tensor(x - hi, dtype=torch.float32))
     return hi, lo
+
+
+#: register cap passed to ptxas for every launch: without one, ptxas aims at an occupancy level of its
+#: choosing (64..168 registers) and spills a few bytes in many configurations; the compile gate
+#: (tests/test_gpu_compile.py) checks every configuration the dispatch picks with it.
+MAXNREG = 255
+
+
+@functools.lru_cache(maxsize=None)
+def launch_options() -> dict:
+    """Launch options shared by every kernel: ``maxnreg`` where this Triton knows it."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return {"maxnreg": MAXNREG} if "maxnreg" in CUDAOptions.__dataclass_fields__ else {}
+    except Exception:  # pragma: no cover - no NVIDIA backend
+        return {}
 
 
 def use_kernel(*tensors: torch.Tensor) -> bool:

@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAS_TRITON, acc_dtype, check_tensor, device_guard, needs_int64, new_empty, next_pow2,
-                      num_sms, tl_acc, use_kernel)
+from ._common import (launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+                      new_empty, next_pow2, num_sms, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -232,7 +232,7 @@ PROGRAMS_PER_SM = 8
 def _blocks(x: torch.Tensor, kind: str):
     C = x.shape[-1]
     block_c = min(next_pow2(C), MAX_BLOCK_C[kind])
-    elems = TILE_ELEMS[("cuda" if x.is_cuda else "cpu", kind)]
+    elems = TILE_ELEMS[("cpu" if big_interpreter_tiles() else "cuda", kind)]
     n_pix = x.shape[0] * x.shape[1] * x.shape[2]
     block_p = min(next_pow2(max(1, elems // block_c)), next_pow2(n_pix))
     return block_p, block_c
@@ -269,7 +269,7 @@ def _forward_triton(x, weight, bias, gelu, residual):
         _dwconv_fwd_kernel[grid](
             x, w9, b, y, N, H, W, C, *x.stride(),
             HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, y),
-            ACC=tl_acc(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+            ACC=tl_acc(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **launch_options())
     return y
 
 
@@ -284,7 +284,7 @@ def _backward_triton(dy, x, weight, bias, gelu, residual):
         _dwconv_bwd_kernel[(n_prog, triton.cdiv(C, block_c))](
             dy, x, w9, dx, part, N, H, W, C, iters, *dy.stride(), *x.stride(),
             GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, dy, dx), ACC=tl_acc(x.dtype),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **launch_options())
     red = part.sum(dim=0)  # fixed-order reduction over programs: deterministic
     # separate fresh tensors (custom-op outputs may not alias each other)
     dw = red[:9].t().to(weight.dtype, copy=True).contiguous().reshape(C, 1, 3, 3)

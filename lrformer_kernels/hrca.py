@@ -59,8 +59,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
-                      interpreting, needs_int64, new_empty, split_f32, use_kernel)
+from ._common import (launch_options, HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+                      big_interpreter_tiles, needs_int64, new_empty, split_f32, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -324,7 +324,7 @@ def _tiles(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, backw
     block_d = triton.next_power_of_2(head_dim)
     block_w = triton.next_power_of_2(window)
     heads_p2 = triton.next_power_of_2(num_heads)
-    if interpreting():
+    if big_interpreter_tiles():
         return heads_p2, block_d, block_w, block_w, 1
     block_hb = max(1, min(heads_p2, 64 // block_d))
     budget = 1024 if (backward or dtype == torch.float64) else 2048
@@ -367,7 +367,7 @@ def _forward_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float)
             q, k, v, win_idx, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
             NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale),
-            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1, **consts,
+            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1, **consts,
         )
     return out, lse
 
@@ -416,7 +416,7 @@ def _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
             *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
             NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale), *split_f32(scale),
-            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
+            BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1,
             HAS_DLSE=has_dlse, ATOMIC=not deterministic, **consts,
         )
         if deterministic:
@@ -425,7 +425,7 @@ def _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int
                 q, k, v, grad_out, lse, delta, offs, entry, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
                 NQ, H, W, gw, gh * gw, num_heads, *split_f32(qk_scale), *split_f32(scale),
-                BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, num_stages=1,
+                BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1,
                 **consts,
             )
     if dk.dtype != k.dtype:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
-                      needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
+                      launch_options, needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -219,20 +219,6 @@ def _backward_config(head_dim: int):
     return max(2, (512 if bd <= 64 else 256) // bd), bd, 4
 
 
-#: register cap passed to ptxas: without one, ptxas aims at an occupancy level of its choosing (64..168
-#: registers) and spills a few bytes in about a third of the configurations; with it, every configuration
-#: the dispatch picks compiles spill-free on sm_90 and sm_80 (tests/test_ms_deform_attn_compile.py).
-MAXNREG = 255
-
-
-def _launch_options() -> dict:
-    """``maxnreg`` where this Triton knows the option (older ones ignore the cap)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        return {"maxnreg": MAXNREG} if "maxnreg" in CUDAOptions.__dataclass_fields__ else {}
-    except Exception:  # pragma: no cover - no NVIDIA backend
-        return {}
-
 _TABLES = {}
 
 
@@ -264,7 +250,7 @@ def _forward_triton(value, shapes, locations, weights):
             *value.stride(), *locations.stride(), *weights.stride(), *out.stride(),
             NQ, M, L, P, D,
             BLOCK_Q=block_q, BLOCK_D=block_d, ACC=tl_acc(value.dtype),
-            INT64=needs_int64(value, locations, weights, out), num_warps=warps, **_launch_options(),
+            INT64=needs_int64(value, locations, weights, out), num_warps=warps, **launch_options(),
         )
     return out
 
@@ -291,7 +277,7 @@ def _backward_triton(grad_out, value, shapes, locations, weights, deterministic:
             *value.stride(), *locations.stride(), *weights.stride(), *grad_out.stride(),
             NQ, M, L, P, D, S,
             BLOCK_Q=block_q, BLOCK_D=block_d, ACC=tl_acc(value.dtype), INT64=int64,
-            ATOMIC=not deterministic, num_warps=warps, **_launch_options(),
+            ATOMIC=not deterministic, num_warps=warps, **launch_options(),
         )
     if deterministic:
         flat = torch.zeros((B * S * M + 1, D), dtype=acc, device=value.device)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
+from ._common import (launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
                       needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
@@ -60,6 +60,9 @@ if HAS_TRITON:
 
 #: most grids one call can pool (the kernels take the grid sizes as scalar arguments).
 MAX_GRIDS = 8
+#: most cells all grids of one call may hold (cell indices are int32 inside the kernels): larger grids are
+#: rejected before anything is allocated
+MAX_CELLS = 2 ** 31 - 1
 
 #: pyramid levels of the keys/values for a query pooled size of 16 (SPEC).
 BASE_PYRAMID = (11, 8, 6, 4)
@@ -127,6 +130,9 @@ if HAS_TRITON:
         mask_cell = loc < gh * gw
         i = loc // gw
         j = loc - i * gw
+        if INT64:                                         # (i + 1) * H can pass 2**31 (grid x map side)
+            i = i.to(tl.int64)
+            j = j.to(tl.int64)
         h0 = (i * H) // gh
         n_r = tl.where(mask_cell, ((i + 1) * H + gh - 1) // gh - h0, 0)
         w0 = (j * W) // gw
@@ -217,9 +223,11 @@ if HAS_TRITON:
         w = p - h * W
         offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        if INT64:
+        if INT64:                         # also (h + 1) * gh: can pass 2**31 (grid x map side)
             b = b.to(tl.int64)
             p = p.to(tl.int64)
+            h = h.to(tl.int64)
+            w = w.to(tl.int64)
             c_off = offs_c.to(tl.int64) * sgc
         else:
             c_off = offs_c * sgc
@@ -276,6 +284,12 @@ def _grid_args(pairs) -> List[int]:
     return flat + [0, 0] * (MAX_GRIDS - len(pairs))
 
 
+def _index_int64(pairs, H: int, W: int) -> bool:
+    """Whether a window bound ``(i + 1) * H + gh`` (forward) or ``(h + 1) * gh + H`` (backward) can pass
+    int32 for these grids: the products of a grid side and a map side, not only the tensors' sizes."""
+    return any(max(gh * H + gh + H, gw * W + gw + W) >= 2 ** 31 - 1 for gh, gw in pairs)
+
+
 def _forward_config(C: int, H: int, W: int, pairs):
     """(BLOCK_CELLS, BLOCK_Q, BLOCK_C): tiles of cells x window pixels x channels, ~2K elements
     on a GPU (a 4-pixel step keeps ~4 KB of bf16 loads in flight per program and cuts the loop
@@ -291,12 +305,13 @@ def _forward_config(C: int, H: int, W: int, pairs):
     return block_cells, block_q, block_c
 
 
-def _backward_config(C: int, H: int, W: int):
-    """(BLOCK_P, BLOCK_C): pixels x channels per program, ~4K elements on a GPU."""
+def _backward_config(C: int, H: int, W: int, int64: bool = False):
+    """(BLOCK_P, BLOCK_C): pixels x channels per program, ~1K elements on a GPU (the 5 grids' gathers are
+    unrolled: 4K-element tiles spill ~1.5 KB per thread on sm_90/sm_80, tests/test_gpu_compile.py)."""
     block_c = min(next_pow2(C), 64)
     if big_interpreter_tiles():
         return min(1024, next_pow2(H * W)), block_c
-    return max(4, min(64, 4096 // block_c, next_pow2(H * W))), block_c
+    return max(4, min((512 if int64 else 1024) // block_c, next_pow2(H * W))), block_c   # int64: 64-bit index math
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +334,7 @@ def _forward_triton(x: Tensor, pairs) -> Tensor:
         _pyramid_pool_fwd_kernel[grid](
             x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
             NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_Q=block_q, BLOCK_C=block_c,
-            ACC=tl_acc(x.dtype), INT64=needs_int64(x, out), num_warps=4,
+            ACC=tl_acc(x.dtype), INT64=needs_int64(x, out) or _index_int64(pairs, H, W), num_warps=4, **launch_options(),
         )
     return out
 
@@ -327,7 +342,8 @@ def _forward_triton(x: Tensor, pairs) -> Tensor:
 def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
     B, _, C = grad.shape
     gx = new_empty((B, H, W, C), grad.dtype, grad.device)
-    block_p, block_c = _backward_config(C, H, W)
+    int64 = needs_int64(grad, gx) or _index_int64(pairs, H, W)
+    block_p, block_c = _backward_config(C, H, W, int64)
     n_cb = triton.cdiv(C, block_c)
     n_pb = triton.cdiv(H * W, block_p)
     grid = (B * n_pb * n_cb,)
@@ -335,7 +351,7 @@ def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
         _pyramid_pool_bwd_kernel[grid](
             grad, gx, H, W, C, n_pb, n_cb, *grad.stride(), *_grid_args(pairs),
             NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c,
-            ACC=tl_acc(grad.dtype), INT64=needs_int64(grad, gx), num_warps=4,
+            ACC=tl_acc(grad.dtype), INT64=int64, num_warps=4, **launch_options(),
         )
     return gx
 
@@ -470,6 +486,9 @@ def _check_grids(grids) -> List[int]:
             if v <= 0:
                 raise ValueError(f"grids[{k}] must be positive, got {tuple(g)}")
         flat += [int(g[0]), int(g[1])]
+    total = sum(flat[2 * k] * flat[2 * k + 1] for k in range(len(flat) // 2))
+    if total > MAX_CELLS:
+        raise ValueError(f"grids {[tuple(g) for g in grids]} hold {total} cells; at most {MAX_CELLS} are supported")
     return flat
 
 

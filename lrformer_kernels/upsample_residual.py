@@ -28,7 +28,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+from ._common import (launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
                       new_empty, next_pow2, use_kernel)
 
 if HAS_TRITON:
@@ -133,12 +133,16 @@ if HAS_TRITON:
         j0 = pid_j * BLOCK_J
         cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         jj = j0 + tl.arange(0, BLOCK_J)
-        if INT64:
+        if INT64:                    # the sizes too: every product below (loop counters included) is 64-bit
             b = b.to(tl.int64)
             i = i.to(tl.int64)
             j0 = j0.to(tl.int64)
             cc = cc.to(tl.int64)
             jj = jj.to(tl.int64)
+            H = H.to(tl.int64)
+            W = W.to(tl.int64)
+            h = h.to(tl.int64)
+            w = w.to(tl.int64)
         cmask = cc < C
         jmask = jj < w
         jl = tl.minimum(j0 + BLOCK_J, w) - 1  # last low column of this tile
@@ -204,11 +208,18 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-def _forward_config(npix: int, C: int):
-    """(BLOCK_P, BLOCK_C): ~2048-element tiles on a GPU, much bigger ones under the interpreter
-    (its cost is per program)."""
+def _index_int64(H: int, W: int, h: int, w: int) -> bool:
+    """Whether the exact source-coordinate products ``(2 * out + 1) * in`` (forward) or
+    ``(2 * i + 3) * out + in`` (backward) can pass int32: products of the two maps' sides, not sizes."""
+    return max((2 * H + 1) * h, (2 * h + 3) * H + h, (2 * W + 1) * w, (2 * w + 3) * W + w) >= 2 ** 31 - 1
+
+
+def _forward_config(npix: int, C: int, int64: bool = False):
+    """(BLOCK_P, BLOCK_C): ~2048-element tiles on a GPU (1024 with int64 offsets, whose 64-bit index math
+    spills at 2048 on sm_90/sm_80), much bigger ones under the interpreter (its cost is per program)."""
     block_c = min(next_pow2(C), 64)
-    block_p = min(next_pow2(npix), max(16, (16384 if big_interpreter_tiles() else 2048) // block_c))
+    gpu_tile = 1024 if int64 else 2048
+    block_p = min(next_pow2(npix), max(16, (16384 if big_interpreter_tiles() else gpu_tile) // block_c))
     return block_p, block_c
 
 
@@ -238,7 +249,8 @@ def _forward_triton(x, low, scale, keep, out):
     B, H, W, C = x.shape
     _, h, w, _ = low.shape
     npix = B * H * W
-    BLOCK_P, BLOCK_C = _forward_config(npix, C)
+    int64 = needs_int64(x, low, out) or _index_int64(H, W, h, w)
+    BLOCK_P, BLOCK_C = _forward_config(npix, C, int64)
     grid = (triton.cdiv(npix, BLOCK_P), triton.cdiv(C, BLOCK_C))
     dummy = x
     with device_guard(x):
@@ -248,8 +260,8 @@ def _forward_triton(x, low, scale, keep, out):
             *x.stride(), *low.stride(), *out.stride(),
             scale.stride(0) if scale is not None else 0, keep.stride(0) if keep is not None else 0,
             HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
-            FP64=x.dtype == torch.float64, INT64=needs_int64(x, low, out),
-            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
+            FP64=x.dtype == torch.float64, INT64=int64,
+            BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4, **launch_options(),
         )
 
 
@@ -273,8 +285,8 @@ def _backward_triton(grad, low, scale, keep, need_dlow, need_dscale):
             HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
             NEED_DLOW=need_dlow, NEED_DSCALE=need_dscale,
             FP64=grad.dtype == torch.float64,
-            INT64=needs_int64(grad, low, *([dlow] if dlow is not None else [])),
-            BLOCK_J=BLOCK_J, BLOCK_OW=BLOCK_OW, BLOCK_C=BLOCK_C, num_warps=4,
+            INT64=needs_int64(grad, low, *([dlow] if dlow is not None else [])) or _index_int64(H, W, h, w),
+            BLOCK_J=BLOCK_J, BLOCK_OW=BLOCK_OW, BLOCK_C=BLOCK_C, num_warps=4, **launch_options(),
         )
     dscale = None
     if need_dscale:

@@ -47,8 +47,8 @@ def _one(spec):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    consts = dict(spec["constexprs"])
-    if "ACC" in consts:
+    consts = {k: (tl.dtype(v["tl"]) if isinstance(v, dict) else v) for k, v in spec["constexprs"].items()}
+    if consts.get("ACC") in ("fp32", "fp64"):
         consts["ACC"] = {"fp32": tl.float32, "fp64": tl.float64}[consts["ACC"]]
     sig = {name: ("constexpr" if name in consts else spec["signature"][name]) for name in fn.arg_names}
     cc = int(spec["cc"])

@@ -240,10 +240,16 @@ def test_bad_input(idx):
         lowres_attention(*args)
 
 
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interpreter-tiles", "gpu-tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_interpreter_low_precision(dtype):
-    """The fp32-accumulation path (exp2, fp32 lse) also runs on CPU under the interpreter
-    (bf16 is left to CUDA: the interpreter's bf16 tl.dot is not reliable)."""
+def test_interpreter_low_precision(dtype, gpu_tiles, monkeypatch):
+    """The fp32-accumulation path (exp2, fp32 lse) also runs on CPU under the interpreter, with the
+    interpreter's tiles and with the exact tile configuration the CUDA dispatch picks (several query and
+    key blocks, ragged tails).  fp16 is the twin of the bf16 path: the interpreter's bf16 tl.dot is not
+    reliable, and the kernels treat the two 16-bit types alike (same tiles, fp32 accumulation)."""
     if torch.cuda.is_available():
         pytest.skip("covered by the CUDA cases of test_forward_backward")
+    if gpu_tiles:
+        import lrformer_kernels._common as common
+        monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     _check((2, 37, 70, 3, 40, None), dtype, "cpu", q_strided=True)

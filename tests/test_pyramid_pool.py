@@ -222,3 +222,19 @@ def test_torch_compile(mode, monkeypatch):
 def test_bad_input(x, grids, exc, match):
     with pytest.raises(exc, match=match):
         pyramid_pool(x, grids)
+
+
+def test_index_products_past_int32_and_absurd_grids():
+    """Regressions: (grid - 1) x map side past 2**31 (a 48000x1 map pooled to 48000x1: int32 window bounds
+    wrapped), forward and backward vs the reference; a grid of 10**12 cells is a ValueError naming grids,
+    raised before anything is allocated."""
+    x = torch.randn(1, 48000, 1, 1, dtype=torch.float64, requires_grad=True)
+    grids = [(48000, 1), (7, 1)]
+    out = pyramid_pool(x, grids)
+    xr = x.detach().requires_grad_()
+    ref = reference(xr, grids)
+    assert rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+    with pytest.raises(ValueError, match="grids .* hold 1000000000000 cells"):
+        pyramid_pool(torch.randn(1, 4, 4, 2, dtype=torch.float64), [(10 ** 6, 10 ** 6)])

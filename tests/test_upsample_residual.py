@@ -262,3 +262,16 @@ def test_reference_fallback_path(monkeypatch):
         _run_and_check(case, "cpu", torch.float64, True, "drop", True, True)
         _run_and_check(case, "cpu", torch.float32, True, "rand", False, False)
     _run_and_check(CASES[3], "cpu", torch.float64, False, None, False, False)
+
+
+def test_index_products_past_int32():
+    """Regression: (2 * out_row + 1) * low_rows past 2**31 with small tensors (40000 output rows from
+    30000 low rows: the exact source coordinates wrapped in int32), forward and backward."""
+    x = torch.randn(1, 40000, 1, 1, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(1, 30000, 1, 1, dtype=torch.float64, requires_grad=True)
+    out = upsample_residual(x, low)
+    xr, lr = x.detach().requires_grad_(), low.detach().requires_grad_()
+    ref = ref_F.upsample_residual_reference(xr, lr)
+    assert rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    assert rel_err(torch.autograd.grad(out, low, g)[0], torch.autograd.grad(ref, lr, g)[0]) < 1e-12
