@@ -218,6 +218,24 @@ def _run(argv=None) -> str:
         print(f"device-to-device copy bandwidth: {copy_bw:.0f} GB/s (read + write)")
 
     all_cases = {s: SW.build_cases(cfg, s) for s in sections}
+    if cfg.cuda and any(s in sections for s in ("ops", "lrsa", "block", "model")):
+        # the kernels' correctness on this device first: no time is reported for an op that fails it
+        import io
+
+        from lrformer_kernels import selftest
+        log = io.StringIO()
+        selftest.run(quick=True, stream=log)
+        with open(os.path.join(out, "selftest.txt"), "w") as f:
+            f.write(log.getvalue())
+        bad = set(selftest.LAST_FAILED)
+        print(f"self-test: {'all checks passed' if not bad else 'FAILED for ' + ', '.join(sorted(bad))} "
+              f"(selftest.txt)")
+        alias = {"dwconv3x3 (IRB)": ("dwconv_cpe", "dwconv_irb"), "LRSA block": ("LRSA", "Block")}
+        names = {n for b in bad for n in alias.get(b, (b,))}
+        for cases in all_cases.values():
+            for c in cases:
+                if c.key.get("impl") == "fused" and (c.key.get("name") in names or (bad and c.section == "model")):
+                    c.fn, c.status = None, "failed self-test"
     total = sum(len(c) for c in all_cases.values())
     budget = Budget(args.max_minutes, sections)
     rows: Dict[str, List[dict]] = {}

@@ -409,3 +409,28 @@ def test_coco_stuff_layout_trains_and_evaluates(tmp_path):
     os.remove(os.path.join(root, "annotations", "val2017", "000000000001_labelTrainIds.png"))
     with pytest.raises(lrformer.engine.data.DataError, match="000000000001_labelTrainIds.png"):
         find_pairs(root, "val", "coco_stuff164k")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    """The console scripts print one line for an error (no traceback) and exit 1; --debug re-raises;
+    a bad --sizes is an argparse usage error naming the argument."""
+    from lrformer.engine import predict
+    from benchmarks import __main__ as bench
+    from benchmarks import flops
+    assert predict.run_cli(predict.main, "lrformer-predict", [str(tmp_path / "nope.jpg"), "--checkpoint",
+                                                               str(tmp_path / "missing.pth")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lrformer-predict: error:") and "missing.pth" in err
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    assert lr_evaluate.run_cli(lr_evaluate.main, "lrformer-evaluate", ["--data", str(tmp_path), "--checkpoint",
+                                                                         str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "garbage.pth: not a readable PyTorch checkpoint" in err
+    with pytest.raises(lrformer.CheckpointError):
+        lr_evaluate.run_cli(lr_evaluate.main, "lrformer-evaluate", ["--data", str(tmp_path), "--checkpoint",
+                                                                      str(garbage), "--debug"])
+    for main in (bench.main, flops.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--sizes", "512x"])
+        assert e.value.code == 2 and "'512x': expected" in capsys.readouterr().err
