@@ -77,7 +77,7 @@ def test_faseg_hrca_windows_shared_per_image():
 
 def test_bad_inputs():
     model = tiny("faseg")
-    with pytest.raises(ValueError, match="images must be"):
+    with pytest.raises(ValueError, match="images must have 3 \\(RGB\\) channels"):
         model(torch.randn(1, 4, 64, 64))
     feats = model.backbone(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="4 feature maps"):

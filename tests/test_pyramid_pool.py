@@ -224,7 +224,7 @@ def test_bad_input(x, grids, exc, match):
         pyramid_pool(x, grids)
 
 
-def test_index_products_past_int32_and_absurd_grids():
+def test_index_products_past_int32_and_absurd_grids(monkeypatch):
     """Regressions: (grid - 1) x map side past 2**31 (a 48000x1 map pooled to 48000x1: int32 window bounds
     wrapped), forward and backward vs the reference; a grid of 10**12 cells is a ValueError naming grids,
     raised before anything is allocated."""
@@ -236,5 +236,7 @@ def test_index_products_past_int32_and_absurd_grids():
     assert rel_err(out, ref) < 1e-12
     g = torch.randn_like(out)
     assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+    monkeypatch.setattr(pp, "_index_int64", lambda *a: False)       # the old rule (sizes only) is wrong here
+    assert rel_err(pyramid_pool(x, grids), ref) > 1e-3
     with pytest.raises(ValueError, match="grids .* hold 1000000000000 cells"):
         pyramid_pool(torch.randn(1, 4, 4, 2, dtype=torch.float64), [(10 ** 6, 10 ** 6)])

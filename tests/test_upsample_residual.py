@@ -264,14 +264,22 @@ def test_reference_fallback_path(monkeypatch):
     _run_and_check(CASES[3], "cpu", torch.float64, False, None, False, False)
 
 
-def test_index_products_past_int32():
-    """Regression: (2 * out_row + 1) * low_rows past 2**31 with small tensors (40000 output rows from
-    30000 low rows: the exact source coordinates wrapped in int32), forward and backward."""
-    x = torch.randn(1, 40000, 1, 1, dtype=torch.float64, requires_grad=True)
-    low = torch.randn(1, 30000, 1, 1, dtype=torch.float64, requires_grad=True)
-    out = upsample_residual(x, low)
+def test_index_products_past_int32(monkeypatch):
+    """Regression: (2 * out_col + 1) * low_cols past 2**31 with small tensors (65536 output columns from
+    16384 low columns: the exact source coordinates wrapped in int32), forward and backward; with the
+    64-bit decision looking only at tensor sizes (as before) the results are wrong."""
+    x = torch.randn(1, 1, 65536, 1, dtype=torch.float64, requires_grad=True)
+    low = torch.randn(1, 1, 16384, 1, dtype=torch.float64, requires_grad=True)
     xr, lr = x.detach().requires_grad_(), low.detach().requires_grad_()
     ref = ref_F.upsample_residual_reference(xr, lr)
-    assert rel_err(out, ref) < 1e-12
-    g = torch.randn_like(out)
-    assert rel_err(torch.autograd.grad(out, low, g)[0], torch.autograd.grad(ref, lr, g)[0]) < 1e-12
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, lr, g)[0]
+
+    def run():
+        out = upsample_residual(x, low)
+        return out, torch.autograd.grad(out, low, g)[0]
+    out, got = run()
+    assert rel_err(out, ref) < 1e-12 and rel_err(got, want) < 1e-12
+    monkeypatch.setattr(mod, "_index_int64", lambda *a: False)      # the old rule: sizes only
+    out, got = run()
+    assert rel_err(out, ref) > 1e-3 or rel_err(got, want) > 1e-3
