@@ -111,6 +111,17 @@ class Case:
     essential: bool = False                          # cheap (meta device): only the overall deadline
 
 
+def stage_maps(cfg: Config):
+    """(image, stage, map h, map w, compile_here) over the op images (largest first: the time budget) and
+    stages, the loop the op and module sweeps share; compile only at the largest image's stage 1."""
+    from ..registry import stage_map_size
+    big = max(cfg.op_images, key=lambda hw: hw[0] * hw[1]) if cfg.op_images else None
+    for img in sorted(cfg.op_images, key=lambda hw: -hw[0] * hw[1]):
+        for s in cfg.stages:
+            h, w = stage_map_size(img[0], img[1], s)
+            yield img, s, h, w, img == big and s == 1
+
+
 def fuse_copy(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
     """A fused deep copy of ``module``, or (None, reason)."""
     m = copy.deepcopy(module)

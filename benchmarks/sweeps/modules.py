@@ -9,8 +9,8 @@ import torch.nn as nn
 from lrformer.models.layers import Block
 
 from .. import attention_baselines as AB
-from ..registry import S_DIMS, S_HEADS, S_LAYER_SCALE, S_MLP_RATIOS, stage_map_size
-from .common import Case, Config, _compiled, _gen, _impls, _m_fields, _randn, _time_callable, fuse_copy, size_str
+from ..registry import S_DIMS, S_HEADS, S_LAYER_SCALE, S_MLP_RATIOS
+from .common import Case, Config, _compiled, _gen, _impls, _m_fields, _randn, _time_callable, fuse_copy, size_str, stage_maps
 
 
 class StageBlock(nn.Module):
@@ -29,42 +29,38 @@ class StageBlock(nn.Module):
 def module_cases(cfg: Config, level: str) -> List[Case]:
     cases: List[Case] = []
     compile_cases: List[Case] = []
-    big = max(cfg.op_images, key=lambda hw: hw[0] * hw[1]) if cfg.op_images else None
-    for img in sorted(cfg.op_images, key=lambda hw: -hw[0] * hw[1]):   # largest first (budget)
-        for s in cfg.stages:
-            h, w = stage_map_size(img[0], img[1], s)
-            C = S_DIMS[s - 1]
-            for dtype in cfg.dtypes:
-                for mode in cfg.modes:
-                    compile_here = img == big and s == 1
-                    for impl, preset in _impls(cfg, compile_here):
-                        key = dict(section=level, name="LRSA" if level == "lrsa" else "Block", stage=s,
-                                   image=size_str(img), shape=f"{cfg.batch}x{h}x{w}x{C}", batch=cfg.batch,
-                                   dtype=dtype, mode=mode, impl=impl)
-                        if preset:
-                            (compile_cases if impl == "compile" else cases).append(Case(level, key, status=preset))
-                            continue
+    for img, s, h, w, compile_here in stage_maps(cfg):
+        C = S_DIMS[s - 1]
+        for dtype in cfg.dtypes:
+            for mode in cfg.modes:
+                for impl, preset in _impls(cfg, compile_here):
+                    key = dict(section=level, name="LRSA" if level == "lrsa" else "Block", stage=s,
+                               image=size_str(img), shape=f"{cfg.batch}x{h}x{w}x{C}", batch=cfg.batch,
+                               dtype=dtype, mode=mode, impl=impl)
+                    if preset:
+                        (compile_cases if impl == "compile" else cases).append(Case(level, key, status=preset))
+                        continue
 
-                        def fn(s=s, h=h, w=w, C=C, dtype=dtype, mode=mode, impl=impl):
-                            torch.manual_seed(s)
-                            ref = (AB.LRSAAttention(C, S_HEADS[s - 1]) if level == "lrsa" else StageBlock(s))
-                            ref = ref.to(cfg.device).train(mode != "fwd")
-                            if impl == "fused":
-                                mod, why = fuse_copy(ref)
-                                if mod is None:
-                                    return dict(status=why)
-                            elif impl == "compile":
-                                mod = _compiled(ref)
-                            else:
-                                mod = ref
-                            mk = lambda i: (_randn((cfg.batch, h, w, C), cfg, torch.float32, mode != "fwd",  # noqa: E731
-                                                   _gen(cfg, i)),)
-                            ac = None if dtype == "fp32" else dtype
-                            own = mod if impl == "fused" else ref     # the compiled module shares ref's params
-                            return _m_fields(_time_callable(cfg, mod, mk, mode, modules=(own,),
-                                                            autocast_dtype=ac, probe_fn=ref))
-                        c = Case(level, key, fn, compile=impl == "compile", min_budget_s=30 if impl == "compile" else 0)
-                        (compile_cases if impl == "compile" else cases).append(c)
+                    def fn(s=s, h=h, w=w, C=C, dtype=dtype, mode=mode, impl=impl):
+                        torch.manual_seed(s)
+                        ref = (AB.LRSAAttention(C, S_HEADS[s - 1]) if level == "lrsa" else StageBlock(s))
+                        ref = ref.to(cfg.device).train(mode != "fwd")
+                        if impl == "fused":
+                            mod, why = fuse_copy(ref)
+                            if mod is None:
+                                return dict(status=why)
+                        elif impl == "compile":
+                            mod = _compiled(ref)
+                        else:
+                            mod = ref
+                        mk = lambda i: (_randn((cfg.batch, h, w, C), cfg, torch.float32, mode != "fwd",  # noqa: E731
+                                               _gen(cfg, i)),)
+                        ac = None if dtype == "fp32" else dtype
+                        own = mod if impl == "fused" else ref     # the compiled module shares ref's params
+                        return _m_fields(_time_callable(cfg, mod, mk, mode, modules=(own,),
+                                                        autocast_dtype=ac, probe_fn=ref))
+                    c = Case(level, key, fn, compile=impl == "compile", min_budget_s=30 if impl == "compile" else 0)
+                    (compile_cases if impl == "compile" else cases).append(c)
     return cases + compile_cases
 
 
