@@ -49,6 +49,17 @@ def reference(x, grids):
     return F.pyramid_pool_reference(x, grids)
 
 
+def check_fwd_bwd_float64(x, grids):
+    """pyramid_pool(x) and its input gradient equal the reference's to 1e-12 (float64); returns the reference."""
+    out = pyramid_pool(x, grids)
+    xr = x.detach().requires_grad_()
+    ref = reference(xr, grids)
+    assert rel_err(out, ref) < 1e-12
+    g = torch.randn_like(out)
+    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+    return ref
+
+
 @pytest.fixture
 def kernel_only(monkeypatch):
     """Fail if the op falls back to the PyTorch reference instead of running the kernel."""
@@ -152,12 +163,7 @@ def test_reference_mode(monkeypatch):
     monkeypatch.setattr(pp, "use_kernel", lambda *t: False)
     grids = F.lrsa_grids(5, 7)
     x = make_input(2, 5, 7, 6, "nchw", torch.float64, "cpu").detach().requires_grad_()
-    out = pyramid_pool(x, grids)
-    xr = x.detach().requires_grad_()
-    ref = reference(xr, grids)
-    assert rel_err(out, ref) < 1e-12
-    g = torch.randn_like(out)
-    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+    check_fwd_bwd_float64(x, grids)
 
 
 @pytest.mark.parametrize("mode", ["reference", "kernel"])
@@ -230,12 +236,7 @@ def test_index_products_past_int32_and_absurd_grids(monkeypatch):
     raised before anything is allocated."""
     x = torch.randn(1, 48000, 1, 1, dtype=torch.float64, requires_grad=True)
     grids = [(48000, 1), (7, 1)]
-    out = pyramid_pool(x, grids)
-    xr = x.detach().requires_grad_()
-    ref = reference(xr, grids)
-    assert rel_err(out, ref) < 1e-12
-    g = torch.randn_like(out)
-    assert rel_err(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, xr, g)[0]) < 1e-12
+    ref = check_fwd_bwd_float64(x, grids)
     monkeypatch.setattr(pp, "_index_int64", lambda *a: False)       # the old rule (sizes only) is wrong here
     assert rel_err(pyramid_pool(x, grids), ref) > 1e-3
     with pytest.raises(ValueError, match="grids .* hold 1000000000000 cells"):
