@@ -113,11 +113,12 @@ def _lowres_attention(s, h, w):
 
 def _lowres_attention_bytes(B, h, w, s, esize, mode):
     """fwd: read q (B Nq C), k, v (B M C each) + write o (B Nq C); bwd: read dO, q, o (B Nq C each),
-    k, v (B M C each), lse (B heads Nq fp32) + write dq (B Nq C), dk, dv (B M C each)."""
+    k, v (B M C each), the forward's row max and row sum (B heads Nq fp32 each) + write dq (B Nq C), dk,
+    dv (B M C each)."""
     C, heads = S_DIMS[s - 1], S_HEADS[s - 1]
     _, nq, m = _grid_counts(h, w)
     fwd = (2 * B * nq * C + 2 * B * m * C) * esize
-    bwd = (3 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + B * heads * nq * 4
+    bwd = (3 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + 2 * B * heads * nq * 4
     return fwd if mode == "fwd" else fwd + bwd
 
 
@@ -200,15 +201,15 @@ def _hrca_bytes(B, h, w, s, esize, mode):
     K/n_win)^Nq) = expected number of distinct windows the queries select (random distinct windows per
     query): only their pixels must be read; maps divisible by ws, as in the sweep.
     fwd: read q (B Nq C), win_idx (B Nq K int64), k, v (B U ws^2 C each) + write o (B Nq C);
-    bwd: read dO, q, o (B Nq C each), win_idx, k, v (B U ws^2 C each), lse (B heads Nq fp32) + write
-    dq (B Nq C), dk, dv (B H W C each: full maps)."""
+    bwd: read dO, q, o (B Nq C each), win_idx, k, v (B U ws^2 C each), the forward's row max and row sum
+    (B heads Nq fp32 each) + write dq (B Nq C), dk, dv (B H W C each: full maps)."""
     C, nq, ws = HRCA["C"], HRCA["nq"], HRCA["window"]
     n_win, k, _ = hrca_dims(h, w)
     hw_ = B * h * w * C
     sel = round(B * n_win * (1.0 - (1.0 - k / n_win) ** nq)) * ws * ws * C
     idx = 8 * B * nq * k
     fwd = (2 * B * nq * C + 2 * sel) * esize + idx
-    bwd = (4 * B * nq * C + 2 * sel + 2 * hw_) * esize + idx + 4 * B * HRCA["heads"] * nq
+    bwd = (4 * B * nq * C + 2 * sel + 2 * hw_) * esize + idx + 2 * 4 * B * HRCA["heads"] * nq
     return fwd if mode == "fwd" else fwd + bwd
 
 

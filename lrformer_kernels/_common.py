@@ -179,3 +179,11 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def row_statistics(s: torch.Tensor):
+    """Softmax row statistics of logits ``s`` over the last dim, as the attention ops store them:
+    (row_max, row_sum = sum exp(s - row_max), lse = row_max + log(row_sum))."""
+    row_max = s.amax(-1)
+    row_sum = torch.exp(s - row_max.unsqueeze(-1)).sum(-1)
+    return row_max.contiguous(), row_sum.contiguous(), (row_max + torch.log(row_sum)).contiguous()

@@ -21,11 +21,14 @@ which keeps any head dim (masked up to the next power of two) and any window siz
   and, inside a window, over chunks of ``BLOCK_R`` window rows: a tile is
   ``(BLOCK_R * BLOCK_W pixels, BLOCK_HB, BLOCK_D)`` with ``BLOCK_W = next_pow2(window)``; pixels
   outside the window or the map are masked.  Online softmax per head, fp32 accumulation (fp64 for
-  fp64 inputs); writes out (input dtype) and the natural-log log-sum-exp ``lse`` (B, heads, Nq)
-  (fp32; fp64 for fp64 inputs).
+  fp64 inputs); writes out (input dtype) and, per (b, head, query) (fp32; fp64 for fp64 inputs),
+  the natural-log log-sum-exp ``lse`` and, kept apart for the backward, the row maximum
+  ``row_max`` of the scaled logits and ``row_sum = sum exp(s - row_max)`` (why: see
+  :mod:`lrformer_kernels.lowres_attention`; logits in natural units, base 2 only after the max
+  is subtracted).
 * backward by recomputation (no attention matrix is stored), one program per (query, head block)
   as in the forward: ``delta = rowsum(dO * O) - dlse`` in-program, then over the same window
-  tiles ``p = exp(s - lse)``, ``ds = p * (dO.v - delta)``; ``dq`` is accumulated in registers and
+  tiles ``p = exp(s - row_max) / row_sum``, ``ds = p * (dO.v - delta)``; ``dq`` is accumulated in registers and
   written once.
 
   - default (fast) mode: the same program adds ``ds * q * scale`` and ``p * dO`` to full-size
@@ -48,7 +51,8 @@ which keeps any head dim (masked up to the next power of two) and any window siz
   does) so a bad index raises ValueError instead of reading out of bounds; it runs inside the
   opaque custom op, so ``torch.compile(fullgraph=True)`` does not break on it.
 
-Packaging: ``torch.library`` custom ops ``lrformer::hrca_attention`` (-> out, lse) and
+Packaging: ``torch.library`` custom ops ``lrformer::hrca_attention`` (-> out, lse, row_max, row_sum;
+the last two are not differentiable) and
 ``lrformer::hrca_attention_backward`` with fake (meta) implementations and autograd.  When
 :func:`use_kernel` says no (CPU without the Triton interpreter) the ops run the PyTorch reference
 math (gathered, as :func:`hrca_attention_reference`).
@@ -59,8 +63,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (launch_options, HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
-                      big_interpreter_tiles, needs_int64, new_empty, split_f32, use_kernel)
+from ._common import (launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+                      big_interpreter_tiles, needs_int64, new_empty, split_f32, use_kernel, row_statistics)
 
 if HAS_TRITON:
     import triton
@@ -97,13 +101,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _hrca_fwd_kernel(
-        Q, K, V, WIN, O, LSE,
+        Q, K, V, WIN, O, LSE, ROW_MAX, ROW_SUM,
         s_qb, s_qn, s_qc,
         s_kb, s_kh, s_kw, s_kc,
         s_vb, s_vh, s_vw, s_vc,
         s_wb, s_wn, s_wk,
         s_ob, s_on, s_oc,
-        NQ, NK, H, W, GW, NH, NHB, qk_scale_hi, qk_scale_lo,
+        NQ, NK, H, W, GW, NH, NHB, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         INT64: tl.constexpr,
@@ -115,7 +119,7 @@ if HAS_TRITON:
         if INT64:
             b = b.to(tl.int64)
             n = n.to(tl.int64)
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
         dd = tl.arange(0, BLOCK_D)
         mask_h = h < NH
@@ -138,13 +142,13 @@ if HAS_TRITON:
                 y, x, pmask = _hrca_window_tile(w, r0, GW, H, W, WS, BLOCK_R, BLOCK_W, INT64)
                 tmask = pmask[:, None, None] & cmask[None, :, :]
                 kt = tl.load(k_base + (y * s_kh + x * s_kw)[:, None, None], mask=tmask, other=0.0).to(ACC)
-                s = tl.sum(kt * q[None, :, :], 2) * qk_scale             # (P, HB)
+                s = tl.sum(kt * q[None, :, :], 2) * scale                # (P, HB)
                 s = tl.where(pmask[:, None], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 0))
                 m_new = tl.where(m_new == float("-inf"), 0.0, m_new)    # fully masked chunk
-                if USE_EXP2:
-                    p = tl.exp2(s - m_new[None, :])
-                    alpha = tl.exp2(m_i - m_new)
+                if USE_EXP2:  # subtract first, then to base 2
+                    p = tl.exp2((s - m_new[None, :]) * 1.4426950408889634)
+                    alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
                 else:
                     p = tl.exp(s - m_new[None, :])
                     alpha = tl.exp(m_i - m_new)
@@ -155,15 +159,14 @@ if HAS_TRITON:
 
         out = acc / l_i[:, None]
         tl.store(O + b * s_ob + n * s_on + ch * s_oc, out.to(O.dtype.element_ty), mask=cmask)
-        if USE_EXP2:
-            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
-        else:
-            lse = m_i + tl.log(l_i)
-        tl.store(LSE + (b * NH + h) * NQ + n, lse.to(LSE.dtype.element_ty), mask=mask_h)
+        row = (b * NH + h) * NQ + n
+        tl.store(LSE + row, (m_i + tl.log(l_i)).to(LSE.dtype.element_ty), mask=mask_h)
+        tl.store(ROW_MAX + row, m_i.to(ROW_MAX.dtype.element_ty), mask=mask_h)
+        tl.store(ROW_SUM + row, l_i.to(ROW_SUM.dtype.element_ty), mask=mask_h)
 
     @triton.jit
     def _hrca_bwd_kernel(
-        Q, K, V, WIN, O, DO, LSE, DLSE, DELTA, DQ, DK, DV,
+        Q, K, V, WIN, O, DO, ROW_MAX, ROW_SUM, DLSE, DELTA, DQ, DK, DV,
         s_qb, s_qn, s_qc,
         s_kb, s_kh, s_kw, s_kc,
         s_vb, s_vh, s_vw, s_vc,
@@ -173,7 +176,7 @@ if HAS_TRITON:
         s_dqb, s_dqn, s_dqc,
         s_dkb, s_dkh, s_dkw, s_dkc,
         s_dvb, s_dvh, s_dvw, s_dvc,
-        NQ, NK, H, W, GW, NH, NHB, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        NQ, NK, H, W, GW, NH, NHB, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         INT64: tl.constexpr, HAS_DLSE: tl.constexpr, ATOMIC: tl.constexpr,
@@ -187,7 +190,6 @@ if HAS_TRITON:
         if INT64:
             b = b.to(tl.int64)
             n = n.to(tl.int64)
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
         scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
         dd = tl.arange(0, BLOCK_D)
@@ -199,14 +201,13 @@ if HAS_TRITON:
         o = tl.load(O + b * s_ob + n * s_on + ch * s_oc, mask=cmask, other=0.0).to(ACC)
         do = tl.load(DO + b * s_db + n * s_dn + ch * s_dc, mask=cmask, other=0.0).to(ACC)
         row = (b * NH + h) * NQ + n
-        lse = tl.load(LSE + row, mask=mask_h, other=0.0).to(ACC)
+        m_row = tl.load(ROW_MAX + row, mask=mask_h, other=0.0).to(ACC)
+        inv_l = 1.0 / tl.load(ROW_SUM + row, mask=mask_h, other=1.0).to(ACC)
         delta = tl.sum(o * do, 1)
         if HAS_DLSE:
             delta -= tl.load(DLSE + row, mask=mask_h, other=0.0).to(ACC)
         if not ATOMIC:
             tl.store(DELTA + row, delta, mask=mask_h)
-        if USE_EXP2:
-            lse = lse * 1.4426950408889634
         k_base = K + b * s_kb + (ch * s_kc)[None, :, :]
         v_base = V + b * s_vb + (ch * s_vc)[None, :, :]
         dk_base = DK + b * s_dkb + (ch * s_dkc)[None, :, :]
@@ -224,11 +225,11 @@ if HAS_TRITON:
                 tmask = pmask[:, None, None] & cmask[None, :, :]
                 kt = tl.load(k_base + (y * s_kh + x * s_kw)[:, None, None], mask=tmask, other=0.0).to(ACC)
                 vt = tl.load(v_base + (y * s_vh + x * s_vw)[:, None, None], mask=tmask, other=0.0).to(ACC)
-                s = tl.sum(kt * q[None, :, :], 2) * qk_scale             # (P, HB)
+                s = tl.sum(kt * q[None, :, :], 2) * scale                # (P, HB)
                 if USE_EXP2:
-                    p = tl.exp2(s - lse[None, :])
+                    p = tl.exp2((s - m_row[None, :]) * 1.4426950408889634) * inv_l[None, :]
                 else:
-                    p = tl.exp(s - lse[None, :])
+                    p = tl.exp(s - m_row[None, :]) * inv_l[None, :]
                 p = tl.where(pmask[:, None], p, 0.0)
                 dp = tl.sum(vt * do[None, :, :], 2)
                 ds = p * (dp - delta[None, :])
@@ -244,14 +245,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _hrca_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, OFFS, ENTRY, DK, DV,
+        Q, K, V, DO, ROW_MAX, ROW_SUM, DELTA, OFFS, ENTRY, DK, DV,
         s_qb, s_qn, s_qc,
         s_kb, s_kh, s_kw, s_kc,
         s_vb, s_vh, s_vw, s_vc,
         s_db, s_dn, s_dc,
         s_dkb, s_dkh, s_dkw, s_dkc,
         s_dvb, s_dvh, s_dvw, s_dvc,
-        NQ, H, W, GW, NWIN, NH, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        NQ, H, W, GW, NWIN, NH, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, WS: tl.constexpr, BLOCK_HB: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         INT64: tl.constexpr,
@@ -264,7 +265,6 @@ if HAS_TRITON:
         w = pid0 % NWIN
         if INT64:
             b = b.to(tl.int64)
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
         scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         h = hb * BLOCK_HB + tl.arange(0, BLOCK_HB)
         dd = tl.arange(0, BLOCK_D)
@@ -292,13 +292,14 @@ if HAS_TRITON:
                     n = n.to(tl.int64)
                 q = tl.load(q_base + n * s_qn, mask=cmask, other=0.0).to(ACC)
                 do = tl.load(do_base + n * s_dn, mask=cmask, other=0.0).to(ACC)
-                lse = tl.load(LSE + row_base + n, mask=mask_h, other=0.0).to(ACC)
+                m_row = tl.load(ROW_MAX + row_base + n, mask=mask_h, other=0.0).to(ACC)
+                inv_l = 1.0 / tl.load(ROW_SUM + row_base + n, mask=mask_h, other=1.0).to(ACC)
                 delta = tl.load(DELTA + row_base + n, mask=mask_h, other=0.0).to(ACC)
-                s = tl.sum(kt * q[None, :, :], 2) * qk_scale
+                s = tl.sum(kt * q[None, :, :], 2) * scale
                 if USE_EXP2:
-                    p = tl.exp2(s - lse[None, :] * 1.4426950408889634)
+                    p = tl.exp2((s - m_row[None, :]) * 1.4426950408889634) * inv_l[None, :]
                 else:
-                    p = tl.exp(s - lse[None, :])
+                    p = tl.exp(s - m_row[None, :]) * inv_l[None, :]
                 p = tl.where(pmask[:, None], p, 0.0)
                 dp = tl.sum(vt * do[None, :, :], 2)
                 ds = p * (dp - delta[None, :])
@@ -357,19 +358,18 @@ def _forward_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float)
     D = C // num_heads
     _, gw = hrca_window_grid(H, W, window)
     out = new_empty((B, NQ, C), q.dtype, q.device)
-    lse = new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device)
+    lse, row_max, row_sum = (new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device) for _ in range(3))
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out))
     bhb, bd, br, bw, warps = _forward_config(q.dtype, num_heads, D, window)
     nhb = triton.cdiv(num_heads, bhb)
-    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     with device_guard(q):
         _hrca_fwd_kernel[(NQ, B * nhb)](
-            q, k, v, win_idx, out, lse,
+            q, k, v, win_idx, out, lse, row_max, row_sum,
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
-            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale),
+            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(scale),
             BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1, **consts,
         )
-    return out, lse
+    return out, lse, row_max, row_sum
 
 
 def _window_csr(win_idx: torch.Tensor, n_windows: int):
@@ -385,8 +385,8 @@ def _window_csr(win_idx: torch.Tensor, n_windows: int):
     return offs.to(idx_dtype).contiguous(), entry.to(idx_dtype).contiguous()
 
 
-def _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
-                scale: float, deterministic: bool):
+def _backward_triton(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse, window: int,
+                     num_heads: int, scale: float, deterministic: bool):
     B, NQ, C = q.shape
     H, W = k.shape[1], k.shape[2]
     NK = win_idx.shape[2]
@@ -401,30 +401,30 @@ def _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int
     else:  # atomic accumulation buffers in the accumulation dtype
         dk = torch.zeros(k.shape, dtype=acc_t, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc_t, device=v.device)
-        delta = lse  # unused
-    lse = lse.contiguous()
+        delta = row_max  # unused
+    row_max, row_sum = row_max.contiguous(), row_sum.contiguous()
     has_dlse = grad_lse is not None
     if has_dlse:
         grad_lse = grad_lse.contiguous()
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out, grad_out, dq, dk, dv))
     bhb, bd, br, bw, warps = _backward_config(q.dtype, num_heads, D, window)
     nhb = triton.cdiv(num_heads, bhb)
-    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     with device_guard(q):
         _hrca_bwd_kernel[(NQ, B * nhb)](
-            q, k, v, win_idx, out, grad_out, lse, grad_lse if has_dlse else lse, delta, dq, dk, dv,
+            q, k, v, win_idx, out, grad_out, row_max, row_sum, grad_lse if has_dlse else row_max, delta,
+            dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *win_idx.stride(), *out.stride(),
             *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(qk_scale), *split_f32(scale),
+            NQ, NK, H, W, gw, num_heads, nhb, *split_f32(scale),
             BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1,
             HAS_DLSE=has_dlse, ATOMIC=not deterministic, **consts,
         )
         if deterministic:
             offs, entry = _window_csr(win_idx, gh * gw)
             _hrca_bwd_dkdv_kernel[(B * gh * gw, nhb)](
-                q, k, v, grad_out, lse, delta, offs, entry, dk, dv,
+                q, k, v, grad_out, row_max, row_sum, delta, offs, entry, dk, dv,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-                NQ, H, W, gw, gh * gw, num_heads, *split_f32(qk_scale), *split_f32(scale),
+                NQ, H, W, gw, gh * gw, num_heads, *split_f32(scale),
                 BLOCK_HB=bhb, BLOCK_D=bd, BLOCK_R=br, BLOCK_W=bw, num_warps=warps, **launch_options(), num_stages=1,
                 **consts,
             )
@@ -504,19 +504,19 @@ def _gather(q, k, v, win_idx, window: int, num_heads: int):
 
 
 def _forward_reference(q, k, v, win_idx, window: int, num_heads: int, scale: float):
-    """The reference math (gathered keys/values) in the accumulation dtype, with the lse."""
+    """The reference math (gathered keys/values) in the accumulation dtype, with the row statistics."""
     B, NQ, C = q.shape
     qh, kg, vg, _, valid = _gather(q, k, v, win_idx, window, num_heads)
     logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
     logits = logits.masked_fill(~valid[:, None], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)                                       # (B, heads, Nq)
-    attn = torch.exp(logits - lse[..., None])
+    row_max, row_sum, lse = row_statistics(logits)                              # (B, heads, Nq)
+    attn = torch.exp(logits - row_max[..., None]) / row_sum[..., None]
     out = torch.einsum("bhql,bqlhd->bqhd", attn, vg).reshape(B, NQ, C)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    return out.to(q.dtype).contiguous(), lse, row_max, row_sum
 
 
-def _backward_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: int, num_heads: int,
-                   scale: float):
+def _backward_reference(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse, window: int,
+                        num_heads: int, scale: float):
     """Recomputation backward on the gathered tensors; dk/dv by ``scatter_add_`` (deterministic
     on CPU).  (Autograd is not available inside a custom op's implementation.)"""
     B, NQ, C = q.shape
@@ -525,7 +525,7 @@ def _backward_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window: 
     acc = qh.dtype
     doh = grad_out.to(acc).reshape(qh.shape)
     logits = torch.einsum("bqhd,bqlhd->bhql", qh, kg) * scale
-    p = torch.exp(logits - lse.to(acc)[..., None]).masked_fill(~valid[:, None], 0.0)
+    p = (torch.exp(logits - row_max.to(acc)[..., None]) / row_sum.to(acc)[..., None]).masked_fill(~valid[:, None], 0.0)
     delta = (doh * out.to(acc).reshape(qh.shape)).sum(-1).transpose(1, 2)      # (B, heads, Nq)
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc)
@@ -552,7 +552,8 @@ def _check_win_range(win_idx: torch.Tensor, h: int, w: int, window: int) -> None
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::hrca_attention", mutates_args=())
 def _hrca_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: torch.Tensor,
-                       window: int, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       window: int, num_heads: int, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_win_range(win_idx, k.shape[1], k.shape[2], window)
     if use_kernel(q):
         return _forward_triton(q, k, v, win_idx, window, num_heads, scale)
@@ -562,38 +563,41 @@ def _hrca_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_id
 @_hrca_attention_op.register_fake
 def _(q, k, v, win_idx, window, num_heads, scale):
     B, NQ, C = q.shape
-    return q.new_empty((B, NQ, C)), q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype))
+    stats = [q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype)) for _ in range(3)]
+    return (q.new_empty((B, NQ, C)), *stats)
 
 
 @torch.library.custom_op("lrformer::hrca_attention_backward", mutates_args=())
 def _hrca_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, win_idx: torch.Tensor, out: torch.Tensor,
-                                lse: torch.Tensor, grad_lse: Optional[torch.Tensor], window: int,
-                                num_heads: int, scale: float
+                                row_max: torch.Tensor, row_sum: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                                window: int, num_heads: int, scale: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _backward_triton(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale,
-                           deterministic=torch.are_deterministic_algorithms_enabled())
-    return _backward_reference(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale)
+        return _backward_triton(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse, window, num_heads,
+                                scale, deterministic=torch.are_deterministic_algorithms_enabled())
+    return _backward_reference(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse, window, num_heads,
+                               scale)
 
 
 @_hrca_attention_backward_op.register_fake
-def _(grad_out, q, k, v, win_idx, out, lse, grad_lse, window, num_heads, scale):
+def _(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse, window, num_heads, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, win_idx, window, num_heads, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, win_idx, out, lse)
+    out, _, row_max, row_sum = output
+    ctx.save_for_backward(q, k, v, win_idx, out, row_max, row_sum)
+    ctx.mark_non_differentiable(row_max, row_sum)
     ctx.window, ctx.num_heads, ctx.scale = window, num_heads, scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, win_idx, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_row_max, _grad_row_sum):
+    q, k, v, win_idx, out, row_max, row_sum = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _hrca_attention_backward_op(grad_out, q, k, v, win_idx, out, lse, grad_lse,
+    dq, dk, dv = _hrca_attention_backward_op(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse,
                                              ctx.window, ctx.num_heads, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
@@ -635,5 +639,5 @@ def hrca_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win_idx: t
     kernel runs).  Raises ValueError for window indices outside the grid.
     """
     scale = _validate(q, k, v, win_idx, window, num_heads, scale)
-    out, _ = _hrca_attention_op(q, k, v, win_idx, window, num_heads, scale)
+    out = _hrca_attention_op(q, k, v, win_idx, window, num_heads, scale)[0]
     return out

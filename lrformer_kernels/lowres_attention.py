@@ -8,18 +8,29 @@ Design (flash-attention style, one launch for all batches and heads):
 
 * forward: grid ``(cdiv(Nq, BLOCK_M), B * heads)``; each program keeps a block of queries and
   streams over the keys/values with an online softmax (fp32 accumulation, fp64 for fp64 inputs),
-  writes the output in the input dtype and the per-row log-sum-exp ``lse`` (natural log, fp32;
-  fp64 for fp64 inputs) of shape (B, heads, Nq) for the backward.
-* backward by recomputation (no attention matrix is stored):
+  writes the output in the input dtype and three per-row statistics of shape (B, heads, Nq)
+  (fp32; fp64 for fp64 inputs): the log-sum-exp ``lse`` (natural log; an output of the op, with
+  a gradient), and, kept apart for the backward, the row maximum ``row_max`` of the scaled logits
+  and the row sum ``row_sum = sum_j exp(s_j - row_max)``.
+* backward by recomputation (no attention matrix is stored): ``p = exp(s - row_max) / row_sum``,
   ``delta = rowsum(dO * O) - dlse`` (small preprocess kernel), then one kernel for dK/dV
   (program per key block per (b, head), looping over the query blocks) and one for dQ (program
   per query block, looping over the key blocks).  Deterministic: no atomics.
+* why the maximum and the sum are kept apart: recomputing ``p = exp(s - lse)`` from a float32
+  ``lse`` loses ``log(row_sum)`` once the logits are large (``lse`` of 13 equal logits at 1e8 rounds
+  to 1e8, so every p becomes 1 instead of 1/13), while ``s - row_max`` is exact where it matters
+  and ``row_sum`` is in [1, M].  The logits are computed in natural units (``dot * scale``) in the
+  forward and the backward alike, and converted to base 2 only after subtracting the maximum,
+  so the backward's ``s - row_max`` is the forward's bit for bit.  This makes the fp32 backward as
+  accurate as native fp32 attention at any logit scale (tests/test_lowres_attention.py,
+  ``test_huge_logits*``).
 * inputs may be arbitrary strided views (e.g. ``k = kv[..., :C]``, ``v = kv[..., C:]``); only the
   strides are passed, nothing is copied.  Head dims that are not powers of two are padded with
   masks to the next power of two (at least 16, for ``tl.dot``).
 * fp32 inputs use ``input_precision="ieee"`` (no TF32) so that fp32 stays fp32-accurate.
 
-Packaging: ``torch.library`` custom ops ``lrformer::lowres_attention`` (-> out, lse) and
+Packaging: ``torch.library`` custom ops ``lrformer::lowres_attention`` (-> out, lse, row_max,
+row_sum; the last two are not differentiable) and
 ``lrformer::lowres_attention_backward`` with fake (meta) implementations and autograd, so the op
 works under ``torch.compile(fullgraph=True)``.  When :func:`use_kernel` says no (CPU without the
 Triton interpreter), the ops run the PyTorch reference math instead.
@@ -30,8 +41,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (launch_options, HAS_TRITON, LOG2E, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
-                      big_interpreter_tiles, needs_int64, new_empty, num_sms, split_f32, use_kernel)
+from ._common import (launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+                      big_interpreter_tiles, needs_int64, new_empty, num_sms, split_f32, use_kernel, row_statistics)
 
 if HAS_TRITON:
     import triton
@@ -49,12 +60,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _lra_fwd_kernel(
-        Q, K, V, O, LSE,
+        Q, K, V, O, LSE, ROW_MAX, ROW_SUM,
         s_qb, s_qn, s_qc,
         s_kb, s_kn, s_kc,
         s_vb, s_vn, s_vc,
         s_ob, s_on, s_oc,
-        H, NQ, M, qk_scale_hi, qk_scale_lo,
+        H, NQ, M, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -63,7 +74,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_nb = tl.arange(0, BLOCK_N)
         if INT64:
@@ -87,12 +98,12 @@ if HAS_TRITON:
             offs_n = start_n + offs_nb
             mask_n = offs_n < M
             kt = tl.load(k_base + offs_n[None, :] * s_kn, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * qk_scale
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            if USE_EXP2:
-                p = tl.exp2(qk - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
+            if USE_EXP2:  # subtract first, then to base 2 (see the module docstring)
+                p = tl.exp2((qk - m_new[:, None]) * 1.4426950408889634)
+                alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
             else:
                 p = tl.exp(qk - m_new[:, None])
                 alpha = tl.exp(m_i - m_new)
@@ -104,11 +115,10 @@ if HAS_TRITON:
         out = acc / l_i[:, None]
         tl.store(O + b * s_ob + offs_m[:, None] * s_on + col[None, :] * s_oc,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-        if USE_EXP2:
-            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
-        else:
-            lse = m_i + tl.log(l_i)
-        tl.store(LSE + pid_bh.to(tl.int64) * NQ + offs_m, lse.to(LSE.dtype.element_ty), mask=mask_m)
+        row = pid_bh.to(tl.int64) * NQ + offs_m
+        tl.store(LSE + row, (m_i + tl.log(l_i)).to(LSE.dtype.element_ty), mask=mask_m)
+        tl.store(ROW_MAX + row, m_i.to(ROW_MAX.dtype.element_ty), mask=mask_m)
+        tl.store(ROW_SUM + row, l_i.to(ROW_SUM.dtype.element_ty), mask=mask_m)
 
     @triton.jit
     def _lra_bwd_preprocess_kernel(
@@ -141,14 +151,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _lra_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,
+        Q, K, V, DO, ROW_MAX, ROW_SUM, DELTA, DK, DV,
         s_qb, s_qn, s_qc,
         s_kb, s_kn, s_kc,
         s_vb, s_vn, s_vc,
         s_db, s_dn, s_dc,
         s_dkb, s_dkn, s_dkc,
         s_dvb, s_dvn, s_dvc,
-        H, NQ, M, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        H, NQ, M, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -158,7 +168,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_mb = tl.arange(0, BLOCK_M)
         if INT64:
@@ -185,20 +195,21 @@ if HAS_TRITON:
             mask_dm = mask_d[:, None] & mask_m[None, :]
             qt = tl.load(qt_base + offs_m[None, :] * s_qn, mask=mask_dm, other=0.0)
             do = tl.load(do_base + offs_m[:, None] * s_dn, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
+            m_row = tl.load(ROW_MAX + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
+            inv_l = 1.0 / tl.load(ROW_SUM + row_base + offs_m, mask=mask_m, other=1.0).to(ACC)
             delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
-            qkt = tl.dot(k, qt, input_precision=DOT_PREC).to(ACC) * qk_scale   # (BLOCK_N, BLOCK_M)
+            qkt = tl.dot(k, qt, input_precision=DOT_PREC).to(ACC) * scale   # (BLOCK_N, BLOCK_M)
             if USE_EXP2:
-                pt = tl.exp2(qkt - (lse * 1.4426950408889634)[None, :])
+                pt = tl.exp2((qkt - m_row[None, :]) * 1.4426950408889634) * inv_l[None, :]
             else:
-                pt = tl.exp(qkt - lse[None, :])
+                pt = tl.exp(qkt - m_row[None, :]) * inv_l[None, :]
             pt = tl.where(mask_m[None, :], pt, 0.0)
             dv += tl.dot(pt.to(v.dtype), do, input_precision=DOT_PREC).to(ACC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)              # (BLOCK_N, BLOCK_M)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PREC).to(ACC)
 
-        dk = dk * (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC))
+        dk = dk * scale
         tl.store(DK + b * s_dkb + offs_n[:, None] * s_dkn + col[None, :] * s_dkc,
                  dk.to(DK.dtype.element_ty), mask=mask_nd)
         tl.store(DV + b * s_dvb + offs_n[:, None] * s_dvn + col[None, :] * s_dvc,
@@ -206,13 +217,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _lra_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ,
+        Q, K, V, DO, ROW_MAX, ROW_SUM, DELTA, DQ,
         s_qb, s_qn, s_qc,
         s_kb, s_kn, s_kc,
         s_vb, s_vn, s_vc,
         s_db, s_dn, s_dc,
         s_dqb, s_dqn, s_dqc,
-        H, NQ, M, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+        H, NQ, M, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
         DOT_PREC: tl.constexpr, INT64: tl.constexpr,
@@ -222,7 +233,7 @@ if HAS_TRITON:
         pid_bh = tl.program_id(1)
         b = pid_bh // H
         h = pid_bh % H
-        qk_scale = tl.cast(qk_scale_hi, ACC) + tl.cast(qk_scale_lo, ACC)
+        scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_nb = tl.arange(0, BLOCK_N)
         if INT64:
@@ -238,10 +249,9 @@ if HAS_TRITON:
         q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qn + col[None, :] * s_qc, mask=mask_md, other=0.0)
         do = tl.load(DO + b * s_db + offs_m[:, None] * s_dn + col[None, :] * s_dc, mask=mask_md, other=0.0)
         row = pid_bh.to(tl.int64) * NQ + offs_m
-        lse = tl.load(LSE + row, mask=mask_m, other=0.0).to(ACC)
+        m_row = tl.load(ROW_MAX + row, mask=mask_m, other=0.0).to(ACC)
+        inv_l = 1.0 / tl.load(ROW_SUM + row, mask=mask_m, other=1.0).to(ACC)
         delta = tl.load(DELTA + row, mask=mask_m, other=0.0).to(ACC)
-        if USE_EXP2:
-            lse = lse * 1.4426950408889634
         kt_base = K + b * s_kb + col[:, None] * s_kc   # (BLOCK_D, BLOCK_N) tiles: k^T
         vt_base = V + b * s_vb + col[:, None] * s_vc   # v^T
 
@@ -252,17 +262,17 @@ if HAS_TRITON:
             mask_dn = mask_d[:, None] & mask_n[None, :]
             kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
             vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * qk_scale       # (BLOCK_M, BLOCK_N)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale       # (BLOCK_M, BLOCK_N)
             if USE_EXP2:
-                p = tl.exp2(qk - lse[:, None])
+                p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
             else:
-                p = tl.exp(qk - lse[:, None])
+                p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
             p = tl.where(mask_n[None, :], p, 0.0)
             dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=DOT_PREC).to(ACC)
 
-        dq = dq * (tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC))
+        dq = dq * scale
         tl.store(DQ + b * s_dqb + offs_m[:, None] * s_dqn + col[None, :] * s_dqc,
                  dq.to(DQ.dtype.element_ty), mask=mask_md)
 
@@ -280,7 +290,7 @@ def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
         HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim),
         ACC=tl.float64 if fp64 else tl.float32,
-        # exp2 with log2(e) folded into the scale for fp32 math; plain exp keeps fp64 exact.
+        # exp2 (of logit - row max, times log2 e) for fp32 math; plain exp keeps fp64 exact.
         USE_EXP2=not fp64,
         # fp32 stays fp32 (no TF32); for 16-bit inputs the precision flag has no effect.
         DOT_PREC="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
@@ -333,22 +343,21 @@ def _forward_triton(q, k, v, num_heads: int, scale: float):
     M = k.shape[1]
     D = C // num_heads
     out = new_empty((B, NQ, C), q.dtype, q.device)
-    lse = new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device)
+    lse, row_max, row_sum = (new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device) for _ in range(3))
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out))
     bm, bn, warps, stages = _forward_config(q.dtype, consts["BLOCK_D"], NQ, B * num_heads, q.device)
-    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     grid = (triton.cdiv(NQ, bm), B * num_heads)
     with device_guard(q):
         _lra_fwd_kernel[grid](
-            q, k, v, out, lse,
+            q, k, v, out, lse, row_max, row_sum,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            num_heads, NQ, M, *split_f32(qk_scale),
+            num_heads, NQ, M, *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, **consts,
         )
-    return out, lse
+    return out, lse, row_max, row_sum
 
 
-def _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+def _backward_triton(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads: int, scale: float):
     B, NQ, C = q.shape
     M = k.shape[1]
     D = C // num_heads
@@ -357,14 +366,13 @@ def _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scal
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
     delta = torch.empty((B, num_heads, NQ), dtype=acc_t, device=q.device)
-    lse = lse.contiguous()
+    row_max, row_sum = row_max.contiguous(), row_sum.contiguous()
     has_dlse = grad_lse is not None
     if has_dlse:
         grad_lse = grad_lse.contiguous()
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out, grad_out, dq, dk, dv))
     block_d = consts["BLOCK_D"]
     bm, bn, warps, stages = _backward_config(q.dtype, block_d)
-    qk_scale = scale * LOG2E if consts["USE_EXP2"] else scale
     pre_bm = 32 if big_interpreter_tiles() else max(16, min(128, 8192 // block_d))
     with device_guard(q):
         _lra_bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm), B * num_heads)](
@@ -375,15 +383,15 @@ def _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scal
             HAS_DLSE=has_dlse, INT64=consts["INT64"], num_warps=1 if big_interpreter_tiles() else 4, **launch_options(),
         )
         _lra_bwd_dkdv_kernel[(triton.cdiv(M, bn), B * num_heads)](
-            q, k, v, grad_out, lse, delta, dk, dv,
+            q, k, v, grad_out, row_max, row_sum, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            num_heads, NQ, M, *split_f32(qk_scale), *split_f32(scale),
+            num_heads, NQ, M, *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, **consts,
         )
         _lra_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * num_heads)](
-            q, k, v, grad_out, lse, delta, dq,
+            q, k, v, grad_out, row_max, row_sum, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            num_heads, NQ, M, *split_f32(qk_scale), *split_f32(scale),
+            num_heads, NQ, M, *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, **consts,
         )
     return dq, dk, dv
@@ -425,15 +433,16 @@ def _forward_reference(q, k, v, num_heads: int, scale: float):
     out = lowres_attention_reference(q, k, v, num_heads, scale)
     acc = acc_dtype(q.dtype)
     s = (_split_heads(q, num_heads).to(acc) @ _split_heads(k, num_heads).to(acc).transpose(-2, -1)) * scale
-    lse = torch.logsumexp(s, dim=-1)
-    return out.contiguous(), lse.contiguous()
+    row_max, row_sum, lse = row_statistics(s)
+    return out.contiguous(), lse, row_max, row_sum
 
 
-def _backward_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, scale: float):
+def _backward_reference(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads: int, scale: float):
     acc = acc_dtype(q.dtype)
     qh, kh, vh = (_split_heads(t, num_heads).to(acc) for t in (q, k, v))
     doh, oh = _split_heads(grad_out, num_heads).to(acc), _split_heads(out, num_heads).to(acc)
-    p = torch.exp((qh @ kh.transpose(-2, -1)) * scale - lse.to(acc).unsqueeze(-1))
+    s = (qh @ kh.transpose(-2, -1)) * scale
+    p = torch.exp(s - row_max.to(acc).unsqueeze(-1)) / row_sum.to(acc).unsqueeze(-1)
     delta = (doh * oh).sum(-1, keepdim=True)
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc).unsqueeze(-1)
@@ -450,7 +459,7 @@ def _backward_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads: int, s
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lrformer::lowres_attention", mutates_args=())
 def _lowres_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
         return _forward_triton(q, k, v, num_heads, scale)
     return _forward_reference(q, k, v, num_heads, scale)
@@ -460,38 +469,39 @@ def _lowres_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_
 def _(q, k, v, num_heads, scale):
     B, NQ, C = q.shape
     out = q.new_empty((B, NQ, C))
-    lse = q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype))
-    return out, lse
+    stats = [q.new_empty((B, num_heads, NQ), dtype=acc_dtype(q.dtype)) for _ in range(3)]
+    return (out, *stats)
 
 
 @torch.library.custom_op("lrformer::lowres_attention_backward", mutates_args=())
 def _lowres_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                                  grad_lse: Optional[torch.Tensor], num_heads: int,
+                                  v: torch.Tensor, out: torch.Tensor, row_max: torch.Tensor,
+                                  row_sum: torch.Tensor, grad_lse: Optional[torch.Tensor], num_heads: int,
                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _backward_triton(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
-    return _backward_reference(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale)
+        return _backward_triton(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale)
+    return _backward_reference(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale)
 
 
 @_lowres_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, grad_lse, num_heads, scale):
+def _(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, num_heads, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, _, row_max, row_sum = output
+    ctx.save_for_backward(q, k, v, out, row_max, row_sum)
+    ctx.mark_non_differentiable(row_max, row_sum)
     ctx.num_heads = num_heads
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, _grad_row_max, _grad_row_sum):
+    q, k, v, out, row_max, row_sum = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _lowres_attention_backward_op(grad_out, q, k, v, out, lse, grad_lse,
+    dq, dk, dv = _lowres_attention_backward_op(grad_out, q, k, v, out, row_max, row_sum, grad_lse,
                                                ctx.num_heads, ctx.scale)
     return dq, dk, dv, None, None
 
@@ -528,5 +538,5 @@ def lowres_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     Differentiable in q, k and v.
     """
     scale = _validate(q, k, v, num_heads, scale)
-    out, _ = _lowres_attention_op(q, k, v, num_heads, scale)
+    out = _lowres_attention_op(q, k, v, num_heads, scale)[0]
     return out

@@ -52,3 +52,30 @@ def _seed(request):
     seed = int(os.environ.get("LRFORMER_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     torch.manual_seed(seed)
     print(f"[seed {seed}]")
+
+
+def integer_logit_qk(B, Nq, M, heads, d, shift, dtype=torch.float32, device="cpu"):
+    """q (B, Nq, C), k (B, M, C) whose per-head logits (scale 1) are ``shift + t`` with t in {0, -1, -2}
+    and shift = a * b an integer: every logit is exact in float32 (shift <= 2**24), so a float64
+    run on the same inputs is the exact answer, and rows hold several tied maxima.  Channel 0 of a
+    head carries a (queries) and b (keys), channel 1 carries 1 and t."""
+    a = 2.0 ** (int(shift).bit_length() // 2)
+    b = shift / a
+    assert a * b == shift and d >= 2
+    q = torch.zeros(B, Nq, heads, d, dtype=dtype, device=device)
+    k = torch.zeros(B, M, heads, d, dtype=dtype, device=device)
+    q[..., 0], q[..., 1] = a, 1.0
+    k[..., 0] = b
+    k[..., 1] = -torch.randint(0, 3, (B, M, heads), device=device).to(dtype)
+    return q.reshape(B, Nq, heads * d), k.reshape(B, M, heads * d)
+
+
+def assert_as_accurate_as_native(ours, native, exact, names, slack=8.0, floor=1e-6):
+    """Each tensor of ``ours`` is as close to ``exact`` (float64) as PyTorch's own float32 math
+    (``native``) is, up to ``slack`` times its error plus ``floor`` times the exact tensor's size."""
+    for name, o, n, e in zip(names, ours, native, exact):
+        e = e.detach().double().cpu()
+        err = (o.detach().double().cpu() - e).abs().max().item()
+        err_native = (n.detach().double().cpu() - e).abs().max().item()
+        bound = slack * err_native + floor * e.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (native float32 error {err_native:.3g})"

@@ -54,9 +54,9 @@ def _lrsa_stage(B, h, w, C, heads, q_size, kv_sizes, hidden, dt, scale_on, poole
     mk = sum(a * b for a, b in pairs[1:])
     q, kv = meta(B, nq, C, dtype=dt), meta(B, mk, 2 * C, dtype=dt)
     k, v = kv[..., :C], kv[..., C:]
-    out, lse = la._forward_triton(q, k, v, heads, (C // heads) ** -0.5)
+    out, lse, row_max, row_sum = la._forward_triton(q, k, v, heads, (C // heads) ** -0.5)
     for dlse in (None, lse):
-        la._backward_triton(out, q, k, v, out, lse, dlse, heads, (C // heads) ** -0.5)
+        la._backward_triton(out, q, k, v, out, row_max, row_sum, dlse, heads, (C // heads) ** -0.5)
     low = meta(B, pairs[0][0], pairs[0][1], C, dtype=dt)
     scale = meta(C, dtype=torch.float32) if scale_on else None
     for keep in (None, meta(B, dtype=torch.float32)):
@@ -91,9 +91,9 @@ def _record_decoders(image, dt, B=8):
     _, kk, _ = R.hrca_dims(h4, w4)
     q, kmap = meta(B, nq, C, dtype=dt), meta(B, h4, w4, 2 * C, dtype=dt)
     win = meta(B, nq, kk, dtype=torch.int64)
-    o, lse = hrca._forward_triton(q, kmap[..., :C], kmap[..., C:], win, ws, 8, C ** -0.5 * 8 ** 0.5)
+    o, _, row_max, row_sum = hrca._forward_triton(q, kmap[..., :C], kmap[..., C:], win, ws, 8, C ** -0.5 * 8 ** 0.5)
     for det in (False, True):
-        hrca._backward_triton(o, q, kmap[..., :C], kmap[..., C:], win, o, lse, None, ws, 8, 0.177, det)
+        hrca._backward_triton(o, q, kmap[..., :C], kmap[..., C:], win, o, row_max, row_sum, None, ws, 8, 0.177, det)
 
 
 def _specs(monkeypatch, variants, images, dtypes):

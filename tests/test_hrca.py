@@ -1,11 +1,12 @@
 """Fused HRCA (cross-attention over selected high-resolution windows) vs the float64 reference."""
 import contextlib
+import importlib
 import math
 
 import pytest
 import torch
 
-from conftest import TOL, devices, dtypes_for, rel_err
+from conftest import TOL, assert_as_accurate_as_native, devices, dtypes_for, integer_logit_qk, rel_err
 import lrformer_kernels as ref_F
 from lrformer_kernels.hrca import _window_csr, hrca_attention
 
@@ -133,7 +134,8 @@ def test_forward_backward_large_cuda(case, mode):
 
 @pytest.mark.parametrize("device", devices())
 def test_lse_output(device):
-    """The op's second output is the natural-log log-sum-exp over each query's window pixels."""
+    """The op's second output is the natural-log log-sum-exp over each query's window pixels; the third
+    and fourth are the row maximum and the row sum of exp(s - row max) that the backward uses."""
     B, Nq, H, W, heads, d, ws, K = 2, 4, 11, 10, 2, 12, 4, 3
     dtype = dtypes_for(device)[0]
     C = heads * d
@@ -142,13 +144,15 @@ def test_lse_output(device):
     v = torch.randn(B, H, W, C, dtype=dtype, device=device)
     win = _win_idx(B, Nq, H, W, ws, K, True, torch.int64, device)
     scale = 0.3
-    out, lse = torch.ops.lrformer.hrca_attention(q, k, v, win, ws, heads, scale)
+    out, lse, row_max, row_sum = torch.ops.lrformer.hrca_attention(q, k, v, win, ws, heads, scale)
     flat, valid = ref_F.hrca_window_pixels(win, H, W, ws)
     kg = k.double().reshape(B, H * W, heads, d)[torch.arange(B, device=device)[:, None, None], flat]
     s = torch.einsum("bqhd,bqlhd->bhql", q.double().reshape(B, Nq, heads, d), kg) * scale
     s = s.masked_fill(~valid[:, None], float("-inf"))
-    assert lse.shape == (B, heads, Nq)
+    assert lse.shape == row_max.shape == row_sum.shape == (B, heads, Nq)
     assert rel_err(lse, torch.logsumexp(s, -1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(row_max, s.amax(-1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(row_sum, torch.exp(s - s.amax(-1, keepdim=True)).sum(-1)) < max(TOL[dtype], 1e-6)
     ref = ref_F.hrca_attention_reference(q.double(), k.double(), v.double(), win, ws, heads, scale)
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -166,7 +170,7 @@ def test_gradcheck(device, mode):
         return hrca_attention(q, kv[..., :C], kv[..., C:], win, ws, heads)
 
     def f_both(q, kv):  # both outputs of the op: exercises the gradient through lse too
-        return torch.ops.lrformer.hrca_attention(q, kv[..., :C], kv[..., C:], win, ws, heads, 0.5)
+        return torch.ops.lrformer.hrca_attention(q, kv[..., :C], kv[..., C:], win, ws, heads, 0.5)[:2]
 
     # fast_mode keeps the interpreter time low; full Jacobians are compared to the reference in
     # test_forward_backward.
@@ -261,11 +265,11 @@ def test_opcheck():
         win = _win_idx(B, Nq, H, W, ws, K, True, idx_dtype, "cpu")
         torch.library.opcheck(torch.ops.lrformer.hrca_attention.default, (q, k, v, win, ws, heads, 0.25),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    out, lse = torch.ops.lrformer.hrca_attention(q, k, v, win, ws, heads, 0.25)
+    out, lse, row_max, row_sum = (t.detach() for t in torch.ops.lrformer.hrca_attention(q, k, v, win, ws, heads, 0.25))
     g = torch.randn_like(out)
     for glse in (None, torch.randn_like(lse)):
         torch.library.opcheck(torch.ops.lrformer.hrca_attention_backward.default,
-                              (g, q.detach(), k.detach(), v.detach(), win, out.detach(), lse.detach(),
+                              (g, q.detach(), k.detach(), v.detach(), win, out, row_max, row_sum,
                                glse, ws, heads, 0.25),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -374,3 +378,33 @@ def test_benchmark_case():
     assert entry.flops(2, 128, 128, 1, "fwd") == 2 * (2 * 2 * nq * 512 * C)
     names = lambda dev: {c.key["name"] for c in SW.op_cases(SW.default_config(torch.device(dev), quick=True))}  # noqa: E731
     assert "hrca_attention" in names("cuda") and "hrca_attention" not in names("cpu")
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("shift", [2 ** 12, 10 ** 6, 2 ** 24], ids=lambda s: f"logits~{s:.0e}")
+def test_huge_logits_fp32(shift, path, monkeypatch):
+    """fp32 forward and backward at huge logits (``shift + {0, -1, -2}``, exact in fp32, tied maxima)
+    are as accurate as PyTorch's own fp32 math on the gathered windows; a float32 lse loses
+    log(row_sum) there, the op keeps the row max and row sum apart (both modes, both paths)."""
+    H_ = importlib.import_module("lrformer_kernels.hrca")
+    if path == "reference":
+        monkeypatch.setattr(H_, "use_kernel", lambda *t: False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, Nq, H, W, heads, d, ws, K = 2, 5, 9, 7, 2, 8, 4, 2
+    q, kflat = integer_logit_qk(B, Nq, H * W, heads, d, shift, device=device)
+    k = kflat.reshape(B, H, W, heads * d)
+    v = torch.randn(B, H, W, heads * d, device=device)
+    win = _win_idx(B, Nq, H, W, ws, K, False, torch.int64, device)
+    g = torch.rand(B, Nq, heads * d, device=device)
+
+    def run(fn, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(xs[0], xs[1], xs[2], win, ws, heads, 1.0)
+        return (out, *torch.autograd.grad(out, xs, g.to(out.dtype)))
+
+    native = run(ref_F.hrca_attention_reference, q, k, v)
+    exact = run(ref_F.hrca_attention_reference, q.double(), k.double(), v.double())
+    for mode in MODES:
+        with deterministic(mode == "deterministic"):
+            ours = run(hrca_attention, q, k, v)
+        assert_as_accurate_as_native(ours, native, exact, (f"out ({mode})", "dq", "dk", "dv"))

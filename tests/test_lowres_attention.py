@@ -1,10 +1,11 @@
 """Fused low-resolution multi-head attention vs the float64 PyTorch reference."""
+import importlib
 import math
 
 import pytest
 import torch
 
-from conftest import TOL, devices, dtypes_for, rel_err
+from conftest import TOL, assert_as_accurate_as_native, devices, dtypes_for, integer_logit_qk, rel_err
 import lrformer_kernels as ref_F
 from lrformer_kernels.lowres_attention import lowres_attention
 
@@ -100,18 +101,21 @@ def test_forward_backward_large_cuda(case):
 
 @pytest.mark.parametrize("device", devices())
 def test_lse_output(device):
-    """The op's second output is the natural-log log-sum-exp per (b, head, query)."""
+    """The op's second output is the natural-log log-sum-exp per (b, head, query); the third and fourth
+    are the row maximum and the row sum of exp(s - row max) that the backward uses."""
     B, Nq, M, heads, d = 2, 37, 33, 3, 24
     dtype = dtypes_for(device)[0]
     q = torch.randn(B, Nq, heads * d, dtype=dtype, device=device)
     k = torch.randn(B, M, heads * d, dtype=dtype, device=device)
     v = torch.randn(B, M, heads * d, dtype=dtype, device=device)
     scale = 0.3
-    out, lse = torch.ops.lrformer.lowres_attention(q, k, v, heads, scale)
+    out, lse, row_max, row_sum = torch.ops.lrformer.lowres_attention(q, k, v, heads, scale)
     s = (q.double().reshape(B, Nq, heads, d).transpose(1, 2)
          @ k.double().reshape(B, M, heads, d).transpose(1, 2).transpose(-2, -1)) * scale
-    assert lse.shape == (B, heads, Nq)
+    assert lse.shape == row_max.shape == row_sum.shape == (B, heads, Nq)
     assert rel_err(lse, torch.logsumexp(s, -1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(row_max, s.amax(-1)) < max(TOL[dtype], 1e-6)
+    assert rel_err(row_sum, torch.exp(s - s.amax(-1, keepdim=True)).sum(-1)) < max(TOL[dtype], 1e-6)
     assert rel_err(out, ref_F.lowres_attention_reference(q.double(), k.double(), v.double(), heads, scale)) < TOL[dtype]
 
 
@@ -126,7 +130,7 @@ def test_gradcheck(device):
         return lowres_attention(q, kv[..., :C], kv[..., C:], heads)
 
     def f_both(q, kv):  # both outputs of the op: exercises the gradient through lse too
-        return torch.ops.lrformer.lowres_attention(q, kv[..., :C], kv[..., C:], heads, 0.5)
+        return torch.ops.lrformer.lowres_attention(q, kv[..., :C], kv[..., C:], heads, 0.5)[:2]
 
     # fast_mode (random projections) keeps the interpreter time low; the full Jacobian of the
     # main output is checked against the reference in test_forward_backward.
@@ -195,11 +199,11 @@ def test_opcheck():
     v = torch.randn(1, 7, 16, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.lrformer.lowres_attention.default, (q, k, v, 2, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    out, lse = torch.ops.lrformer.lowres_attention(q, k, v, 2, 0.25)
+    out, lse, row_max, row_sum = (t.detach() for t in torch.ops.lrformer.lowres_attention(q, k, v, 2, 0.25))
     g = torch.randn_like(out)
     for glse in (None, torch.randn_like(lse)):
         torch.library.opcheck(torch.ops.lrformer.lowres_attention_backward.default,
-                              (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), glse, 2, 0.25),
+                              (g, q.detach(), k.detach(), v.detach(), out, row_max, row_sum, glse, 2, 0.25),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -253,3 +257,38 @@ def test_interpreter_low_precision(dtype, gpu_tiles, monkeypatch):
         import lrformer_kernels._common as common
         monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     _check((2, 37, 70, 3, 40, None), dtype, "cpu", q_strided=True)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("shift", [2 ** 12, 10 ** 6, 2 ** 24], ids=lambda s: f"logits~{s:.0e}")
+def test_huge_logits_fp32(shift, path, monkeypatch):
+    """fp32 forward and backward at huge logits are as accurate as PyTorch's own fp32 attention
+    (softmax + autograd).  Logits ``shift + {0, -1, -2}`` are exact in fp32 with tied maxima:
+    recomputing ``p = exp(s - lse)`` from a float32 lse loses log(row_sum) there (at 2**24 every
+    tied p became 1 instead of 1/count); the op keeps the row max and row sum apart.  ``path``:
+    the Triton kernels (interpreter on CPU) and the op's PyTorch fallback (CPU without the
+    interpreter) both carry the fix."""
+    la = importlib.import_module("lrformer_kernels.lowres_attention")
+    if path == "reference":
+        monkeypatch.setattr(la, "use_kernel", lambda *t: False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, Nq, M, heads, d = 2, 19, 37, 2, 8
+    q, k = integer_logit_qk(B, Nq, M, heads, d, shift, device=device)
+    v = torch.randn(B, M, heads * d, device=device)
+    g = torch.rand(B, Nq, heads * d, device=device)   # positive: dV has no cancellation
+
+    def run(fn, *xs, heads=heads, g=g):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs, heads, 1.0)
+        return (out, *torch.autograd.grad(out, xs, g.to(out.dtype)))
+
+    ours = run(lowres_attention, q, k, v)
+    native = run(ref_F.lowres_attention_reference, q, k, v)
+    exact = run(ref_F.lowres_attention_reference, q.double(), k.double(), v.double())
+    assert_as_accurate_as_native(ours, native, exact, ("out", "dq", "dk", "dv"))
+    # the clearest symptom: with all M logits tied, dV = (sum of dO over the queries) / M exactly
+    q1, k1 = integer_logit_qk(1, 4, 13, 1, 8, shift, device=device)
+    k1[..., 1] = 0.0
+    g1 = torch.rand(1, 4, 8, device=device)
+    dv = run(lowres_attention, q1, k1, torch.randn(1, 13, 8, device=device), heads=1, g=g1)[3]
+    assert torch.allclose(dv, g1.sum(1, keepdim=True).expand(1, 13, 8) / 13, rtol=1e-6, atol=0)

@@ -33,7 +33,7 @@ def check_labels(labels, num_classes: int) -> None:
         raise ValueError(f"labels must be (B, H, W), got {shape}")
     if labels.is_floating_point():
         raise TypeError(f"labels must be integers, got {labels.dtype}")
-    if labels.is_cuda:
+    if labels.device.type != "cpu":
         return
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
