@@ -14,8 +14,8 @@ setup(
     extras_require={
         # Triton ships with CUDA builds of torch; on CPU-only machines it runs the kernels in its
         # interpreter (tests) — install it explicitly there.
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "triton>=3.0"],
+        "triton": ["triton>=3.6"],
+        "test": ["pytest>=7", "triton>=3.6"],
         "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": [

@@ -37,6 +37,9 @@ FLOPS_COLUMNS = ["model", "image", "height", "width", "num_classes", "params", "
                  "reference_gflops", "status", "device", "torch", "triton"]
 ATTN_FLOPS_COLUMNS = ["kind", "label", "stage", "dim", "heads", "image", "map", "tokens", "gflops",
                       "gflops_closed_form", "match", "note", "status", "device", "torch", "triton"]
+TRAFFIC_COLUMNS = ["section", "case", "stage", "image", "shape", "batch", "dtype", "mode", "status", "eager_gb",
+                   "fused_gb", "ratio", "eager_launches", "fused_launches", "fused_op_gb", "eager_top_gb",
+                   "eager_bytes", "fused_bytes", "device", "torch", "triton"]
 FILES = {  # output name -> (case sections, columns)
     "flops": (("flops",), FLOPS_COLUMNS),
     "attention_flops": (("attention_flops",), ATTN_FLOPS_COLUMNS),
@@ -45,6 +48,7 @@ FILES = {  # output name -> (case sections, columns)
     "lrsa": (("lrsa",), TIMING_COLUMNS),
     "block": (("block",), TIMING_COLUMNS),
     "model": (("model",), TIMING_COLUMNS),
+    "traffic": (("traffic",), TRAFFIC_COLUMNS),
 }
 
 
@@ -159,10 +163,10 @@ def make_config(args) -> SW.Config:
             raise SystemExit(f"unknown dtype(s) {bad}; choose from {list(SW.DTYPES)}")
         cfg.dtypes = ds
     if args.batch:
-        cfg.batch = cfg.train_batch = args.batch
+        cfg.batch = cfg.train_batch = cfg.traffic_batch = args.batch
     if args.sizes:
         sizes = args.sizes
-        cfg.flops_sizes = cfg.attn_sizes = cfg.op_images = cfg.model_sizes = sizes
+        cfg.flops_sizes = cfg.attn_sizes = cfg.op_images = cfg.model_sizes = cfg.traffic_sizes = sizes
         if cfg.attn_latency_sizes:
             cfg.attn_latency_sizes = sizes
         small = tuple(s for s in sizes if max(s) <= 1024)
@@ -287,7 +291,7 @@ def _run(argv=None) -> str:
     SW.release_models()
     for sec, n in skipped_budget.items():
         notes.append(f"{n} {sec} case(s) skipped: the --max-minutes {args.max_minutes} budget ran out")
-    if not cfg.cuda:
+    if not cfg.cuda and set(sections) & {"attention", "ops", "lrsa", "block", "model"}:
         notes.append("CPU-only machine: fused-kernel and torch.compile timings need a GPU ('needs GPU' rows); "
                      "CPU timings are of the eager reference with time.perf_counter.")
     meta = dict(device=name, device_type=dev.type, slug=slug, **ver,
@@ -305,6 +309,7 @@ def _run(argv=None) -> str:
                                if cfg.cuda else "time.perf_counter, median of a few calls after one warm-up"),
                 settings=cfg.settings(), notes=notes, errors=errors,
                 counts={s: len(r) for s, r in rows.items()})
+    meta = _merge_metadata(os.path.join(out, "metadata.json"), meta)
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2, default=str)
     _write_all(out, rows, copy_bw, meta)
@@ -327,9 +332,25 @@ def _run(argv=None) -> str:
     return out
 
 
+def _merge_metadata(path: str, meta: dict) -> dict:
+    """A run of some sections into a folder that holds an earlier run's other sections (e.g. ``--sections
+    traffic --commit-results``) keeps that run's metadata and lists this one under ``later_runs``."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return meta
+    if set(old.get("sections", [])) <= set(meta["sections"]) or old.get("device") != meta["device"]:
+        return meta
+    runs = [r for r in old.get("later_runs", []) if set(r.get("sections", [])) - set(meta["sections"])]
+    old["later_runs"] = runs + [{k: meta[k] for k in ("sections", "argv", "torch", "triton", "started",
+                                                       "finished", "elapsed_s", "notes", "errors")}]
+    return old
+
+
 def _case_label(case: SW.Case) -> str:
     k = case.key
-    parts = [case.section, k.get("name") or k.get("model") or k.get("kind"), k.get("image"),
+    parts = [case.section, k.get("name") or k.get("model") or k.get("kind") or k.get("case"), k.get("image"),
              f"s{k['stage']}" if k.get("stage") else None, k.get("dtype"), k.get("mode"), k.get("impl")]
     return " ".join(str(p) for p in parts if p)
 

@@ -217,9 +217,38 @@ def plot_model(folder, out):
         _save(fig, folder, fname, out, dpi=110)
 
 
+def plot_traffic(folder, out):
+    """Bytes moved (traffic model, not a timing): eager vs fused per case, one panel per image size."""
+    meta, rows = load(folder, "traffic")
+    rows = [r for r in rows if r.get("eager_gb") is not None]
+    if not rows:
+        return
+    images = sorted({r["image"] for r in rows}, key=_mpix)
+    fig, axes = plt.subplots(1, len(images), figsize=(max(7.0, 6.0 * len(images)), 7.0), squeeze=False)
+    for ax, img in zip(axes[0], images):
+        rs = [r for r in rows if r["image"] == img]
+        labels = [f"{r['case']}{' s' + str(r['stage']) if r.get('stage') else ''} {r['mode']}" for r in rs]
+        ys = list(range(len(rs)))
+        ax.barh(ys, [r["ratio"] for r in rs], 0.7, color=IMPL_COLOR["fused"])
+        for y, r in zip(ys, rs):
+            ax.text(r["ratio"], y, f" {r['ratio']:.2f}x  ({r['eager_gb']:.3g} -> {r['fused_gb']:.3g} GB)",
+                    va="center", fontsize=6)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.45 * max(r["ratio"] for r in rs))      # bars start at zero
+        ax.set_xlabel("eager bytes / fused bytes (model)")
+        ax.set_title(f"{img}, batch {rs[0]['batch']}, {rs[0]['dtype']}", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("Traffic model: bytes every op reads + writes, eager / fused (a bound on the memory-bound "
+                 "speed-up, not a timing)", fontsize=9)
+    _save(fig, folder, "traffic.png", out, dpi=130)
+
+
 def make_plots(folder: str) -> List[str]:
     out: List[str] = []
-    for f in (plot_flops, plot_attention, plot_levels, plot_model):
+    for f in (plot_flops, plot_attention, plot_levels, plot_model, plot_traffic):
         f(folder, out)
     return out
 

@@ -142,6 +142,18 @@ def model_table(folder) -> str:
     return "### Segmentor: inference and training step (ms per call)\n\n" + _table(hdr, out)
 
 
+def traffic_table(folder) -> str:
+    rows = _load(folder, "traffic")
+    rows = [r for r in rows if r.get("eager_gb") is not None]
+    if not rows:
+        return ""
+    out = [[r["case"], str(r.get("stage") or "-"), r["image"], str(r["batch"]), r["dtype"], r["mode"],
+            f"{r['eager_gb']:.3f}", f"{r['fused_gb']:.3f}", f"{r['ratio']:.2f}x"] for r in rows]
+    hdr = ["case", "stage", "image", "batch", "dtype", "pass", "eager GB", "fused GB", "eager / fused"]
+    return ("### Traffic model (bytes counted per op on the meta device; a bound on the memory-bound "
+            "speed-up, not a timing)\n\n" + _table(hdr, out))
+
+
 def summarize(folder: str) -> str:
     meta = {}
     p = os.path.join(folder, "metadata.json")
@@ -155,13 +167,17 @@ def summarize(folder: str) -> str:
             + (f"; copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s" if meta.get("copy_bandwidth_gbps") else "")
             + f"; {meta.get('finished', '')}, {meta.get('elapsed_s', '?')} s; "
               f"command: `python -m benchmarks {' '.join(meta.get('argv', []))}`".rstrip()]
+    for r in meta.get("later_runs", []):
+        head.append(f"\n{', '.join(r['sections'])}: torch {r.get('torch')}, triton {r.get('triton')}; "
+                    f"{r.get('finished', '')}, {r.get('elapsed_s', '?')} s; command: "
+                    f"`python -m benchmarks {' '.join(r.get('argv', []))}`")
     for n in meta.get("notes", []):
         head.append(f"\n> {n}")
     parts = ["\n".join(head), flops_table(folder), attention_table(folder),
              level_table(folder, "ops", "Fused ops vs reference (LRFormer-S stage shapes)"),
              level_table(folder, "lrsa", "LRSA module (LRFormer-S stages)"),
              level_table(folder, "block", "Block (LRFormer-S stages)"),
-             model_table(folder)]
+             model_table(folder), traffic_table(folder)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

@@ -590,6 +590,7 @@ def _setup_context(ctx, inputs, output):
     out, _, row_max, row_sum = output
     ctx.save_for_backward(q, k, v, win_idx, out, row_max, row_sum)
     ctx.mark_non_differentiable(row_max, row_sum)
+    ctx.set_materialize_grads(False)   # an unused lse gets no zero-filled gradient (nothing to read)
     ctx.window, ctx.num_heads, ctx.scale = window, num_heads, scale
 
 

@@ -15,6 +15,9 @@ Sections
   fused module (``lrformer_kernels.fuse``) vs ``torch.compile``.
 - ``model``: T/S/B/L inference (batch 1) and a training step (forward, backward, AdamW step;
   bf16 autocast on CUDA) vs image size: eager vs fused vs torch.compile.
+- ``traffic``: the traffic model (:mod:`.traffic`): bytes every op of the eager and of the fused
+  path reads and writes, counted on the meta device (LRSA, Block, LRFormer-S encoder forward,
+  training step; 512 and 1024, batch 8, bf16), and their ratio.  Device-independent; not a timing.
 
 Implementations are named ``eager`` (the reference, eager PyTorch), ``compile``
 (``torch.compile`` of the reference, ``dynamic=False``) and ``fused`` (the Triton path).  On a
@@ -29,14 +32,15 @@ from .counts import attention_flops_cases, attention_latency_cases, flops_cases
 from .model import model_cases, release_models
 from .modules import module_cases
 from .ops import op_cases
+from .traffic import traffic_cases
 
 __all__ = ["DTYPES", "VARIANTS", "Case", "Config", "default_config", "fuse_copy", "parse_size", "size_str",
            "SECTIONS", "SHARES", "build_cases", "release_models", "op_cases", "module_cases", "model_cases",
-           "flops_cases", "attention_flops_cases", "attention_latency_cases"]
+           "flops_cases", "attention_flops_cases", "attention_latency_cases", "traffic_cases"]
 
-SECTIONS = ("flops", "attention", "ops", "lrsa", "block", "model")
+SECTIONS = ("flops", "attention", "ops", "lrsa", "block", "model", "traffic")
 #: share of the time budget per section (unused time rolls over to the later sections).
-SHARES = {"flops": 0.07, "attention": 0.1, "ops": 0.25, "lrsa": 0.08, "block": 0.1, "model": 0.4}
+SHARES = {"flops": 0.07, "attention": 0.1, "ops": 0.25, "lrsa": 0.08, "block": 0.1, "model": 0.38, "traffic": 0.02}
 
 
 def build_cases(cfg: Config, section: str) -> List[Case]:
@@ -50,4 +54,6 @@ def build_cases(cfg: Config, section: str) -> List[Case]:
         return module_cases(cfg, section)
     if section == "model":
         return model_cases(cfg)
+    if section == "traffic":
+        return traffic_cases(cfg)
     raise ValueError(f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")

@@ -1,0 +1,280 @@
+"""The traffic model: bytes the eager path and the fused path move, counted as the ops run.
+
+Nothing here is a timing.  Each case runs once on the ``meta`` device (the real op sequence at the
+real sizes, no data, no GPU: the same numbers on any machine) under a ``TorchDispatchMode`` that sees
+every aten op after autograd, forward and backward, and every fused op (``lrformer::*``) as the one
+opaque node it is.  Counting rules, the same for both paths:
+
+* an op reads each tensor argument once and writes each output once: bytes = distinct elements x
+  element size (a broadcast, stride-0 dim counts once).  That is the op's compulsory traffic, as if
+  each op were one kernel whose own re-reads (tiles shared by programs, L2 hits) cost nothing -- the
+  rule favours the eager path, whose ops are mostly library kernels;
+* views and other aliasing ops (view, permute, slice, expand, detach, ...) and allocations
+  (``empty*``) move nothing; ``zeros``/``ones``/``full`` and their ``*_like`` write their output and
+  read nothing; in-place ops read their operands and write the tensor they mutate, and the ones that
+  overwrite it (``copy_``, ``fill_``, ``zero_``, random fills) do not read it first;
+* a fused op counts the same, plus what its kernels move beyond their arguments and outputs by design:
+  tensors read by more than one of its launches and the buffers it keeps between them
+  (:data:`FUSED_EXTRA`, one rule per op, each stated in its docstring).
+
+The ratio eager / fused is therefore a bound on the speed-up of a memory-bound step (what the fused
+kernels can win when bandwidth is the limit), not a measured or predicted time.  Cases: LRSA (with its
+stage's depthwise convs) and one Block of each LRFormer-S stage, forward and forward+backward; the
+LRFormer-S encoder forward; a full training step of the LRFormer-S segmentor (forward, its loss,
+backward, AdamW step).  bf16 tensors throughout, parameters included (with autocast the per-step
+weight casts and fp32 master weights would add the same bytes to both paths).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections import Counter
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..registry import S_DIMS, S_HEADS
+from .common import Case, Config, size_str
+
+VIEW_LIKE = {"_unsafe_view", "_reshape_alias", "alias", "lift_fresh"}   # views whose schema says nothing
+ALLOCATE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+FILL = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+        "scalar_tensor", "arange", "rand", "randn", "rand_like", "randn_like"}
+OVERWRITE = {"copy_", "fill_", "zero_", "bernoulli_", "uniform_", "normal_", "random_", "exponential_"}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Distinct elements x element size (stride-0 dims count once)."""
+    if t.numel() == 0:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(x) -> List[torch.Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def _all_bytes(x) -> int:
+    return sum(tensor_bytes(t) for t in _tensors(x))
+
+
+# ------------------------------------------------------------------------------ fused ops' extras
+def _kernels(op: str):
+    return importlib.import_module(f"lrformer_kernels.{op}")
+
+
+def _no_extra(args, out) -> int:
+    """One launch that reads its arguments and writes its outputs."""
+    return 0
+
+
+def _lowres_attention_backward_extra(args, out) -> int:
+    """Three launches: the preprocess (reads dO, o; writes delta = rowsum(dO*o), fp32 B*heads*Nq), the
+    dK/dV kernel and the dQ kernel (each reads q, k, v, dO, the row max and row sum, and delta).  Beyond
+    the arguments read once: dO twice more, q, k, v, row max and row sum once more, delta written once and
+    read twice."""
+    grad_out, q, k, v, _out, row_max, row_sum = args[:7]
+    delta = tensor_bytes(row_max)
+    return (2 * tensor_bytes(grad_out) + tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v)
+            + tensor_bytes(row_max) + tensor_bytes(row_sum) + 3 * delta)
+
+
+def _dwconv_forward_extra(args, out) -> int:
+    """One launch, plus the (9, C) channel-contiguous copy of the weight it reads (9C read + written)."""
+    return 2 * tensor_bytes(args[1])
+
+
+def _dwconv_backward_extra(args, out) -> int:
+    """One launch that writes fp32 partial sums (programs, 10, C) of the weight and bias gradients, a
+    fixed-order sum that reads them, and the (9, C) weight copy (as in the forward)."""
+    dw = _kernels("dwconv")
+    x = args[1]
+    with _gpu_tiles():
+        n_prog = dw._backward_config(x)[3]
+    return 2 * n_prog * 10 * x.shape[-1] * 4 + 2 * tensor_bytes(args[2])
+
+
+def _upsample_residual_backward_extra(args, out) -> int:
+    """One launch (d_low gathered, grad read through its strides; d_x is grad itself), plus, with a
+    layer scale, fp32 partials (B*h*NJ, C) of d_scale written and read by a fixed-order sum."""
+    ur = _kernels("upsample_residual")
+    grad, low, scale = args[0], args[1], args[2]
+    if scale is None:
+        return 0
+    B, H, W, C = grad.shape
+    h, w = low.shape[1], low.shape[2]
+    with _gpu_tiles():
+        block_j = ur._backward_config(H, W, w, C)[0]
+    nj = -(-w // block_j)
+    return 2 * B * h * nj * C * 4
+
+
+#: ``lrformer::<op>`` -> bytes its kernels move beyond reading each argument and writing each output once.
+FUSED_EXTRA: Dict[str, Callable] = {
+    "lrformer::pyramid_pool": _no_extra,            # one launch; the grids' overlapping windows hit L2
+    "lrformer::pyramid_pool_backward": _no_extra,   # one launch, a gather: grad_x written once
+    "lrformer::lowres_attention": _no_extra,        # one launch (online softmax)
+    "lrformer::lowres_attention_backward": _lowres_attention_backward_extra,
+    "lrformer::upsample_residual": _no_extra,       # one launch
+    "lrformer::upsample_residual_backward": _upsample_residual_backward_extra,
+    "lrformer::dwconv3x3": _dwconv_forward_extra,
+    "lrformer::dwconv3x3_backward": _dwconv_backward_extra,
+}
+
+
+@contextlib.contextmanager
+def _gpu_tiles():
+    """The CUDA dispatch's tile choices even under the interpreter (the fused extras depend on them)."""
+    import lrformer_kernels._common as common
+    old = common.INTERPRETER_BIG_TILES
+    common.INTERPRETER_BIG_TILES = False
+    try:
+        yield
+    finally:
+        common.INTERPRETER_BIG_TILES = old
+
+
+# ------------------------------------------------------------------------------------- the counter
+class TrafficCounter(TorchDispatchMode):
+    """Counts the bytes of every op dispatched inside it (rules in the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.launches = 0
+        self.by_op: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        n = op_bytes(func, args, kwargs, out)
+        if n is not None:
+            self.bytes += n
+            self.launches += 1
+            self.by_op[func.name()] += n
+        return out
+
+
+def op_bytes(func, args, kwargs, out):
+    """Bytes one dispatched op moves, or None for an op that moves nothing (views, allocations)."""
+    schema = func._schema
+    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return None                                              # a view / alias of an input
+    name = func.overloadpacket.__name__
+    if name in ALLOCATE or name in VIEW_LIKE:
+        return None
+    mutated = set()
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            val = args[i] if i < len(args) else kwargs.get(a.name)
+            mutated.update(id(t) for t in _tensors(val))
+    outs = _tensors(out)
+    if not outs and not mutated:
+        return None                                              # sizes, .item(): no kernel
+    operands = _tensors((args, kwargs))
+    writes = _all_bytes(outs) if outs else sum(tensor_bytes(t) for t in operands if id(t) in mutated)
+    if name in FILL:
+        return writes
+    reads = sum(tensor_bytes(t) for t in operands if id(t) not in mutated or name not in OVERWRITE)
+    total = reads + writes
+    if func.namespace == "lrformer":
+        rule = FUSED_EXTRA.get(func.name())
+        if rule is None:
+            raise KeyError(f"no traffic rule for the fused op {func.name()} (add one to FUSED_EXTRA)")
+        total += rule(args, out)
+    return total
+
+
+# ------------------------------------------------------------------------------------------- cases
+def _count(build: Callable, run: Callable, fused: bool) -> TrafficCounter:
+    """Build the module on meta in bf16 (fused or not) and count one ``run(module)``."""
+    import lrformer_kernels
+    with torch.device("meta"):
+        module = build()
+    module = module.to(torch.bfloat16)
+    if fused:
+        lrformer_kernels.fuse(module)
+    counter = TrafficCounter()
+    with counter:
+        run(module)
+    return counter
+
+
+def _stage_module(kind: str, s: int) -> nn.Module:
+    from .. import attention_baselines as AB
+    from .modules import StageBlock
+    return AB.LRSAAttention(S_DIMS[s - 1], S_HEADS[s - 1]) if kind == "LRSA" else StageBlock(s)
+
+
+def _module_run(shape, backward: bool):
+    def run(m):
+        m.train(backward)
+        x = torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=backward)
+        y = m(x)
+        if backward:
+            y.backward(torch.empty_like(y))
+    return run
+
+
+def _encoder_run(img, batch):
+    def run(m):
+        m.eval()
+        with torch.no_grad():
+            m(torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16))
+    return run
+
+
+def _train_run(img, batch):
+    def run(model):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        images = torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16)
+        labels = torch.empty(batch, img[0], img[1], device="meta", dtype=torch.long)
+        loss = model.loss(images, labels, model(images))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def traffic_row(name: str, build: Callable, run: Callable) -> dict:
+    eager, fused = _count(build, run, False), _count(build, run, True)
+    top = ", ".join(f"{op.replace('aten::', '')} {b / 1e9:.2f}"
+                    for op, b in eager.by_op.most_common(3))
+    return dict(eager_bytes=eager.bytes, fused_bytes=fused.bytes, eager_gb=round(eager.bytes / 1e9, 4),
+                fused_gb=round(fused.bytes / 1e9, 4), ratio=round(eager.bytes / fused.bytes, 3),
+                eager_launches=eager.launches, fused_launches=fused.launches, eager_top_gb=top,
+                fused_op_gb=round(sum(b for op, b in fused.by_op.items() if op.startswith("lrformer::")) / 1e9, 4))
+
+
+def traffic_cases(cfg: Config) -> List[Case]:
+    from lrformer import create_model
+    from lrformer.factory import create_encoder
+
+    from ..registry import stage_map_size
+    cases: List[Case] = []
+    B = cfg.traffic_batch
+    for img in cfg.traffic_sizes:
+        base = dict(section="traffic", image=size_str(img), batch=B, dtype="bf16")
+        for kind in ("LRSA", "Block"):
+            for s in cfg.stages:
+                h, w = stage_map_size(img[0], img[1], s)
+                for mode in ("fwd", "fwd+bwd"):
+                    key = dict(base, case=kind, stage=s, mode=mode, shape=f"{B}x{h}x{w}x{S_DIMS[s - 1]}")
+                    cases.append(Case("traffic", key, lambda kind=kind, s=s, sh=(B, h, w, S_DIMS[s - 1]), m=mode:
+                                      traffic_row(kind, lambda: _stage_module(kind, s), _module_run(sh, m != "fwd")),
+                                      essential=True))
+        key = dict(base, case="LRFormer-S encoder", mode="fwd", shape=f"{B}x3x{img[0]}x{img[1]}")
+        cases.append(Case("traffic", key, lambda img=img: traffic_row(
+            "encoder", lambda: create_encoder("s"), _encoder_run(img, B)), essential=True))
+        key = dict(base, case="LRFormer-S training step", mode="fwd+bwd+AdamW", shape=f"{B}x3x{img[0]}x{img[1]}")
+        cases.append(Case("traffic", key, lambda img=img: traffic_row(
+            "train", lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B)), essential=True))
+    return cases

@@ -1,0 +1,109 @@
+"""The traffic model (benchmarks/sweeps/traffic.py): its counting rules on hand-checked ops, the fused
+ops' stated extras, the cases, and the ``--sections traffic`` output."""
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from benchmarks.__main__ import TRAFFIC_COLUMNS, run
+from benchmarks.sweeps import default_config
+from benchmarks.sweeps import traffic as T
+
+
+def _count(fn, *args):
+    with T.TrafficCounter() as c:
+        fn(*args)
+    return c
+
+
+def test_counting_rules():
+    bf = dict(device="meta", dtype=torch.bfloat16)
+    a, b = torch.empty(1000, **bf), torch.empty(1000, **bf)
+    assert _count(torch.add, a, b).bytes == 3 * 2000                     # read 2, write 1
+    # views (view, t, slice, permute, expand, detach) move nothing; contiguous() of a transpose copies
+    assert _count(lambda: a.view(10, 100).t()[2:].detach()).bytes == 0
+    assert _count(lambda: a.view(10, 100).t().contiguous()).bytes == 2 * 2000
+    # a broadcast (stride-0) operand is read once: row (100,) + matrix (10, 100) -> (10, 100)
+    row, mat = torch.empty(100, **bf), torch.empty(10, 100, **bf)
+    assert _count(torch.add, mat, row.expand(10, 100)).bytes == 2000 + 200 + 2000
+    # in place: read both, write the mutated one; overwriting ops do not read their target
+    assert _count(lambda: a.add_(b)).bytes == 3 * 2000
+    assert _count(lambda: a.copy_(b)).bytes == 2 * 2000
+    assert _count(lambda: a.zero_()).bytes == 2000
+    # allocations move nothing; fills write only
+    assert _count(lambda: torch.empty(1000, **bf)).bytes == 0
+    assert _count(lambda: torch.zeros_like(a)).bytes == 2000
+    # a Linear = one addmm: bias, input, weight read once, output written once
+    with torch.device("meta"):
+        lin = nn.Linear(64, 32).to(torch.bfloat16)
+    x = torch.empty(8, 64, **bf)
+    c = _count(lin, x)
+    assert c.bytes == (32 + 8 * 64 + 32 * 64 + 8 * 32) * 2 and c.launches == 1
+
+
+def test_fused_op_counted_as_one_node_with_its_extra():
+    """A fused op is its arguments + outputs + its stated extra (lowres_attention backward: three launches)."""
+    import lrformer_kernels as K
+    B, Nq, M, C, heads = 2, 64, 80, 64, 2
+    q = torch.empty(B, Nq, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.empty(B, M, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.empty(B, M, C, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with T.TrafficCounter() as c:
+        out = K.lowres_attention(q, k, v, heads)
+        out.backward(torch.empty_like(out))
+    fwd = c.by_op["lrformer::lowres_attention"]
+    stats = B * heads * Nq * 4
+    assert fwd == (2 * B * Nq * C + 2 * B * M * C) * 2 + 3 * stats          # q, k, v in; out, lse, max, sum
+    bwd = c.by_op["lrformer::lowres_attention_backward"]
+    io = (3 * B * Nq * C + 2 * B * M * C) * 2 + 2 * stats + (B * Nq * C + 2 * B * M * C) * 2   # dO, q, o, k, v
+    extra = (2 * B * Nq * C + B * Nq * C + 2 * B * M * C) * 2 + 2 * stats + 3 * stats
+    assert bwd == io + extra
+
+
+def test_unknown_fused_op_is_an_error(monkeypatch):
+    monkeypatch.delitem(T.FUSED_EXTRA, "lrformer::pyramid_pool")
+    import lrformer_kernels as K
+    x = torch.empty(1, 8, 8, 16, device="meta")
+    with pytest.raises(KeyError, match="no traffic rule for the fused op lrformer::pyramid_pool"):
+        _count(K.pyramid_pool, x, [(2, 2)])
+
+
+def test_cases_fused_moves_less():
+    """Every quick case runs (meta device, seconds); the fused path moves fewer bytes in every case, with
+    fewer dispatched ops."""
+    cfg = default_config(torch.device("cpu"), quick=True)
+    cases = T.traffic_cases(cfg)
+    assert {c.key["case"] for c in cases} == {"LRSA", "Block", "LRFormer-S encoder", "LRFormer-S training step"}
+    rows = [dict(c.key, **c.fn()) for c in cases]
+    for r in rows:
+        assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_launches"] < r["eager_launches"], r
+        assert r["ratio"] == round(r["eager_bytes"] / r["fused_bytes"], 3)
+
+
+def test_traffic_section_writes_csv_and_plot(tmp_path):
+    run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--sections", "traffic"])
+    with open(tmp_path / "traffic.csv") as f:
+        r = csv.DictReader(f)
+        cols, rows = r.fieldnames, list(r)
+    assert cols == TRAFFIC_COLUMNS and rows and all(float(x["ratio"]) > 1 for x in rows)
+    assert (tmp_path / "traffic.png").stat().st_size > 0
+    with open(tmp_path / "metadata.json") as f:
+        assert json.load(f)["sections"] == ["traffic"]
+    assert "Traffic model" in (tmp_path / "summary.md").read_text()
+
+
+def test_committed_traffic_results():
+    """The committed CPU result has every case at 512 and 1024, batch 8, bf16, with its ratio."""
+    import os
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results")
+    paths = [os.path.join(root, d, "traffic.csv") for d in os.listdir(root)
+             if os.path.exists(os.path.join(root, d, "traffic.csv"))]
+    assert paths
+    with open(paths[0]) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["image"], r["batch"], r["dtype"]) for r in rows} == {("512x512", "8", "bf16"),
+                                                                     ("1024x1024", "8", "bf16")}
+    assert len(rows) == 2 * (2 * 4 * 2 + 2)
+    assert all(abs(float(r["ratio"]) - int(r["eager_bytes"]) / int(r["fused_bytes"])) < 1e-3 for r in rows)
