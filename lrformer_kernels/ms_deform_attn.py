@@ -74,6 +74,22 @@ if HAS_TRITON:
         return fx.to(tl.int32), fy.to(tl.int32), ix - fx, iy - fy
 
     @triton.jit
+    def _msda_corner(c: tl.constexpr, x0, y0, fx, fy, Hl, Wl, start, qmask, INT64: tl.constexpr):
+        """Corner ``c`` of the taps ((x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)): its bilinear
+        factors along x and y, whether it lies on the map, and its row in the flattened levels."""
+        cx: tl.constexpr = c % 2
+        cy: tl.constexpr = c // 2
+        xi = x0 + cx
+        yi = y0 + cy
+        tx = cx * fx + (1 - cx) * (1.0 - fx)
+        ty = cy * fy + (1 - cy) * (1.0 - fy)
+        ok = qmask & (xi >= 0) & (xi < Wl) & (yi >= 0) & (yi < Hl)
+        row = start + yi * Wl + xi
+        if INT64:
+            row = row.to(tl.int64)
+        return tx, ty, ok, row
+
+    @triton.jit
     def _msda_fwd_kernel(
         V, TABLE, LOC, WGT, OUT,
         s_vb, s_vs, s_vm, s_vd,
@@ -105,19 +121,11 @@ if HAS_TRITON:
                 x0, y0, fx, fy = _msda_taps(LOC, loc_off, s_lc, Hl, Wl, qmask, ACC)
                 w = tl.load(WGT + b * s_wb + q * s_wq + m * s_wm + lvl * s_wl + pt * s_wp,
                             mask=qmask, other=0.0).to(ACC)
-                for c in tl.static_range(4):           # taps (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1)
-                    cx = c % 2
-                    cy = c // 2
-                    xi = x0 + cx
-                    yi = y0 + cy
-                    tap = (cx * fx + (1 - cx) * (1.0 - fx)) * (cy * fy + (1 - cy) * (1.0 - fy))
-                    ok = qmask & (xi >= 0) & (xi < Wl) & (yi >= 0) & (yi < Hl)
-                    row = start + yi * Wl + xi
-                    if INT64:
-                        row = row.to(tl.int64)
+                for c in tl.static_range(4):
+                    tx, ty, ok, row = _msda_corner(c, x0, y0, fx, fy, Hl, Wl, start, qmask, INT64)
                     v = tl.load(v_base + (row * s_vs)[:, None], mask=ok[:, None] & dmask[None, :],
                                 other=0.0).to(ACC)
-                    acc += (w * tap)[:, None] * v
+                    acc += (w * (tx * ty))[:, None] * v
         tl.store(OUT + b * s_ob + q[:, None] * s_oq + (m * D + d)[None, :] * s_oc,
                  acc.to(OUT.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
 
@@ -163,22 +171,13 @@ if HAS_TRITON:
                 # contiguous (B, NQ, M, L, P) index of this (query, head, level, point)
                 flat = (((b * NQ + q) * M + m) * L + lvl) * P + pt
                 for c in tl.static_range(4):
-                    cx = c % 2
-                    cy = c // 2
-                    xi = x0 + cx
-                    yi = y0 + cy
-                    tx = cx * fx + (1 - cx) * (1.0 - fx)
-                    ty = cy * fy + (1 - cy) * (1.0 - fy)
-                    ok = qmask & (xi >= 0) & (xi < Wl) & (yi >= 0) & (yi < Hl)
-                    row = start + yi * Wl + xi
-                    if INT64:
-                        row = row.to(tl.int64)
+                    tx, ty, ok, row = _msda_corner(c, x0, y0, fx, fy, Hl, Wl, start, qmask, INT64)
                     okd = ok[:, None] & dmask[None, :]
                     v = tl.load(v_base + (row * s_vs)[:, None], mask=okd, other=0.0).to(ACC)
                     gv = tl.sum(g * v, 1)                                    # <dO, v_tap>
                     dw += tx * ty * gv
-                    sx = 2.0 * cx - 1.0                     # d tx / d ix
-                    sy = 2.0 * cy - 1.0
+                    sx = 2.0 * (c % 2) - 1.0                # d tx / d ix
+                    sy = 2.0 * (c // 2) - 1.0
                     dix += sx * ty * gv
                     diy += sy * tx * gv
                     contrib = (w * tx * ty)[:, None] * g
@@ -201,7 +200,7 @@ if HAS_TRITON:
 def _forward_config(head_dim: int):
     """(BLOCK_Q, BLOCK_D, num_warps): the whole head dim per program (row loads of D contiguous
     channels), 4 warps; 1024-element tiles (512 from a head dim of 128 on).  Chosen from ptxas -v on
-    sm_90 and sm_80 (tests/test_ms_deform_attn_compile.py): 2048-element tiles reach 254 registers and
+    sm_90 and sm_80 (the compile gate, tests/test_gpu_compile.py): 2048-element tiles reach 254 registers and
     spill on sm_80, and 8 warps cap the kernel at 128 registers and spill.  The interpreter takes big
     blocks (its cost is per program)."""
     bd = next_pow2(max(head_dim, 2))

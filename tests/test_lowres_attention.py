@@ -259,6 +259,24 @@ def test_interpreter_low_precision(dtype, gpu_tiles, monkeypatch):
     _check((2, 37, 70, 3, 40, None), dtype, "cpu", q_strided=True)
 
 
+@pytest.mark.parametrize("head_dim", [40, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_interpreter_many_programs_tiles(dtype, head_dim, monkeypatch):
+    """The forward's tiles for a launch with many programs (128 queries per block; 128x32 at head dim 80,
+    128x64 below), as the CUDA dispatch picks them for big batches: forced here on small shapes by
+    reporting one SM, with two query blocks (the second ragged) and a ragged last key block."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the CUDA cases of test_forward_backward")
+    import lrformer_kernels._common as common
+    la = importlib.import_module("lrformer_kernels.lowres_attention")
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(la, "num_sms", lambda device: 1)
+    bm, bn, _, _ = la._forward_config(dtype, la._block_d(head_dim), 150, 2, torch.device("cpu"))
+    if dtype == torch.float16:
+        assert (bm, bn) == ((128, 32) if head_dim == 80 else (128, 64))
+    _check((1, 150, 70, 2, head_dim, None), dtype, "cpu")
+
+
 @pytest.mark.parametrize("path", ["kernel", "reference"])
 @pytest.mark.parametrize("shift", [2 ** 12, 10 ** 6, 2 ** 24], ids=lambda s: f"logits~{s:.0e}")
 def test_huge_logits_fp32(shift, path, monkeypatch):
