@@ -1,4 +1,4 @@
-"""A tiny synthetic segmentation dataset written to disk (ADE20K or Cityscapes layout) for the
+"""A tiny synthetic segmentation dataset written to disk (ADE20K, Cityscapes or COCO-Stuff layout) for the
 training / evaluation tests.
 
 Each image is a noisy grey background (class 0) with 1-3 large shapes (rectangles and discs), one
@@ -36,49 +36,53 @@ def make_sample(rng: np.random.Generator, size=(64, 64), num_classes: int = 4):
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
+def _write(root: str, splits, size, num_classes: int, seed: int, paths, annotate=lambda label: label) -> str:
+    """Write ``n`` samples per ``(split, n)``: ``paths(split, i)`` gives the image's and the annotation's
+    paths under ``root`` (``.jpg`` images at quality 95), ``annotate`` the stored annotation of a class map."""
+    rng = np.random.default_rng(seed)
+    for split, n in splits:
+        for i in range(n):
+            img, label = make_sample(rng, size, num_classes)
+            img_path, ann_path = (os.path.join(root, p) for p in paths(split, i))
+            for path in (img_path, ann_path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(img).save(img_path, **({"quality": 95} if img_path.endswith(".jpg") else {}))
+            Image.fromarray(annotate(label)).save(ann_path)
+    return root
+
+
+def _ade20k_annotation(label):
+    ann = label + 1
+    ann[:2] = 0  # ADE20K's 'other' -> ignored after reduce_zero_label
+    return ann
+
+
 def make_ade20k(root: str, n_train: int = 16, n_val: int = 8, size=(64, 64), num_classes: int = 4,
                 seed: int = 0) -> str:
     """Write ``root/images/{training,validation}/*.png`` + ``root/annotations/...``; returns root."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("training", n_train), ("validation", n_val)):
-        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
-        os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
-        for i in range(n):
-            img, label = make_sample(rng, size, num_classes)
-            ann = label + 1
-            ann[:2] = 0  # ADE20K's 'other' -> ignored after reduce_zero_label
-            name = f"{split}_{i:04d}"
-            Image.fromarray(img).save(os.path.join(root, "images", split, name + ".png"))
-            Image.fromarray(ann).save(os.path.join(root, "annotations", split, name + ".png"))
-    return root
+    def paths(split, i):
+        name = f"{split}_{i:04d}.png"
+        return os.path.join("images", split, name), os.path.join("annotations", split, name)
+    return _write(root, (("training", n_train), ("validation", n_val)), size, num_classes, seed, paths,
+                  _ade20k_annotation)
 
 
 def make_cityscapes(root: str, n_train: int = 4, n_val: int = 2, size=(32, 64), num_classes: int = 4,
                     seed: int = 0, cities=("aachen", "bonn")) -> str:
     """Write ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` + ``gtFine/.../*_gtFine_labelTrainIds.png``."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for i in range(n):
-            city = cities[i % len(cities)]
-            os.makedirs(os.path.join(root, "leftImg8bit", split, city), exist_ok=True)
-            os.makedirs(os.path.join(root, "gtFine", split, city), exist_ok=True)
-            img, label = make_sample(rng, size, num_classes)
-            stem = f"{city}_{i:06d}_000019"
-            Image.fromarray(img).save(os.path.join(root, "leftImg8bit", split, city, stem + "_leftImg8bit.png"))
-            Image.fromarray(label).save(os.path.join(root, "gtFine", split, city, stem + "_gtFine_labelTrainIds.png"))
-    return root
+    def paths(split, i):
+        city = cities[i % len(cities)]
+        stem = f"{city}_{i:06d}_000019"
+        return (os.path.join("leftImg8bit", split, city, stem + "_leftImg8bit.png"),
+                os.path.join("gtFine", split, city, stem + "_gtFine_labelTrainIds.png"))
+    return _write(root, (("train", n_train), ("val", n_val)), size, num_classes, seed, paths)
 
 
 def make_coco_stuff(root: str, n_train: int = 6, n_val: int = 3, size=(40, 56), num_classes: int = 4,
                     seed: int = 0) -> str:
     """Write ``images/{train2017,val2017}/*.jpg`` + ``annotations/<split>/*_labelTrainIds.png`` (ids 0..n-1)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train2017", n_train), ("val2017", n_val)):
-        os.makedirs(os.path.join(root, "images", split), exist_ok=True)
-        os.makedirs(os.path.join(root, "annotations", split), exist_ok=True)
-        for i in range(n):
-            img, label = make_sample(rng, size, num_classes)
-            stem = f"{i:012d}"
-            Image.fromarray(img).save(os.path.join(root, "images", split, stem + ".jpg"), quality=95)
-            Image.fromarray(label).save(os.path.join(root, "annotations", split, stem + "_labelTrainIds.png"))
-    return root
+    def paths(split, i):
+        stem = f"{i:012d}"
+        return (os.path.join("images", split, stem + ".jpg"),
+                os.path.join("annotations", split, stem + "_labelTrainIds.png"))
+    return _write(root, (("train2017", n_train), ("val2017", n_val)), size, num_classes, seed, paths)
