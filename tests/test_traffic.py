@@ -40,7 +40,7 @@ def test_counting_rules():
         lin = nn.Linear(64, 32).to(torch.bfloat16)
     x = torch.empty(8, 64, **bf)
     c = _count(lin, x)
-    assert c.bytes == (32 + 8 * 64 + 32 * 64 + 8 * 32) * 2 and c.launches == 1
+    assert c.bytes == (32 + 8 * 64 + 32 * 64 + 8 * 32) * 2 and c.ops == 1
 
 
 def test_fused_op_counted_as_one_node_with_its_extra():
@@ -72,13 +72,13 @@ def test_unknown_fused_op_is_an_error(monkeypatch):
 
 def test_cases_fused_moves_less():
     """Every quick case runs (meta device, seconds); the fused path moves fewer bytes in every case, with
-    fewer dispatched ops."""
+    fewer dispatched ops (each aten op or fused op counts one)."""
     cfg = default_config(torch.device("cpu"), quick=True)
     cases = T.traffic_cases(cfg)
     assert {c.key["case"] for c in cases} == {"LRSA", "Block", "LRFormer-S encoder", "LRFormer-S training step"}
     rows = [dict(c.key, **c.fn()) for c in cases]
     for r in rows:
-        assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_launches"] < r["eager_launches"], r
+        assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_ops"] < r["eager_ops"], r
         assert r["ratio"] == round(r["eager_bytes"] / r["fused_bytes"], 3)
 
 

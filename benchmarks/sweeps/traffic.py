@@ -148,7 +148,7 @@ class TrafficCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.bytes = 0
-        self.launches = 0
+        self.ops = 0                      # dispatched ops that move bytes (aten ops and fused ops)
         self.by_op: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -157,7 +157,7 @@ class TrafficCounter(TorchDispatchMode):
         n = op_bytes(func, args, kwargs, out)
         if n is not None:
             self.bytes += n
-            self.launches += 1
+            self.ops += 1
             self.by_op[func.name()] += n
         return out
 
@@ -244,13 +244,14 @@ def _train_run(img, batch):
     return run
 
 
-def traffic_row(name: str, build: Callable, run: Callable) -> dict:
+def traffic_row(build: Callable, run: Callable) -> dict:
+    """The row of one case: bytes, GB, dispatched ops of each path, their ratio, the eager path's top ops."""
     eager, fused = _count(build, run, False), _count(build, run, True)
     top = ", ".join(f"{op.replace('aten::', '')} {b / 1e9:.2f}"
                     for op, b in eager.by_op.most_common(3))
     return dict(eager_bytes=eager.bytes, fused_bytes=fused.bytes, eager_gb=round(eager.bytes / 1e9, 4),
                 fused_gb=round(fused.bytes / 1e9, 4), ratio=round(eager.bytes / fused.bytes, 3),
-                eager_launches=eager.launches, fused_launches=fused.launches, eager_top_gb=top,
+                eager_ops=eager.ops, fused_ops=fused.ops, eager_top_gb=top,
                 fused_op_gb=round(sum(b for op, b in fused.by_op.items() if op.startswith("lrformer::")) / 1e9, 4))
 
 
@@ -269,12 +270,12 @@ def traffic_cases(cfg: Config) -> List[Case]:
                 for mode in ("fwd", "fwd+bwd"):
                     key = dict(base, case=kind, stage=s, mode=mode, shape=f"{B}x{h}x{w}x{S_DIMS[s - 1]}")
                     cases.append(Case("traffic", key, lambda kind=kind, s=s, sh=(B, h, w, S_DIMS[s - 1]), m=mode:
-                                      traffic_row(kind, lambda: _stage_module(kind, s), _module_run(sh, m != "fwd")),
+                                      traffic_row(lambda: _stage_module(kind, s), _module_run(sh, m != "fwd")),
                                       essential=True))
         key = dict(base, case="LRFormer-S encoder", mode="fwd", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
-            "encoder", lambda: create_encoder("s"), _encoder_run(img, B)), essential=True))
+            lambda: create_encoder("s"), _encoder_run(img, B)), essential=True))
         key = dict(base, case="LRFormer-S training step", mode="fwd+bwd+AdamW", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
-            "train", lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B)), essential=True))
+            lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B)), essential=True))
     return cases
