@@ -107,3 +107,8 @@ def test_committed_traffic_results():
                                                                      ("1024x1024", "8", "bf16")}
     assert len(rows) == 2 * (2 * 4 * 2 + 2)
     assert all(abs(float(r["ratio"]) - int(r["eager_bytes"]) / int(r["fused_bytes"])) < 1e-3 for r in rows)
+    # the README's table is read off this file
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for r in rows:
+        if r["case"] in ("LRFormer-S training step", "LRFormer-S encoder"):
+            assert f"{float(r['eager_gb']):.3g} -> {float(r['fused_gb']):.3g} | {float(r['ratio']):.2f}x" in readme, r
