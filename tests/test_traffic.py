@@ -112,3 +112,42 @@ def test_committed_traffic_results():
     for r in rows:
         if r["case"] in ("LRFormer-S training step", "LRFormer-S encoder"):
             assert f"{float(r['eager_gb']):.3g} -> {float(r['fused_gb']):.3g} | {float(r['ratio']):.2f}x" in readme, r
+
+
+def test_every_fused_op_has_a_rule():
+    """Each ``lrformer::`` custom op the package registers (forward and backward) has a traffic rule."""
+    import importlib
+    names = set()
+    for mod in ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn"):
+        importlib.import_module(f"lrformer_kernels.{mod}")
+    for name in dir(torch.ops.lrformer):
+        if not name.startswith("_") and isinstance(getattr(torch.ops.lrformer, name), torch._ops.OpOverloadPacket):
+            names.add(f"lrformer::{name}")
+    assert names and names == set(T.FUSED_EXTRA), names ^ set(T.FUSED_EXTRA)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_decoder_ops_counted(deterministic):
+    """Deformable attention forward + backward count on the meta device in both modes; the deterministic
+    mode's per-tap contributions make its backward move more."""
+    import lrformer_kernels as K
+    B, NQ, M, D, shapes = 1, 40, 2, 8, [(4, 5), (2, 3)]
+    S = sum(h * w for h, w in shapes)
+    value = torch.empty(B, S, M, D, device="meta", requires_grad=True)
+    loc = torch.empty(B, NQ, M, 2, 3, 2, device="meta", requires_grad=True)
+    wgt = torch.empty(B, NQ, M, 2, 3, device="meta", requires_grad=True)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with T.TrafficCounter() as c:
+            out = K.ms_deform_attn(value, shapes, loc, wgt)
+            out.backward(torch.empty_like(out))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    io = (B * NQ * M * D + B * S * M * D + loc.numel() + wgt.numel()) * 4 + (B * S * M * D + loc.numel() + wgt.numel()) * 4
+    bwd = c.by_op["lrformer::ms_deform_attn_backward"]
+    assert c.by_op["lrformer::ms_deform_attn"] > 0 and bwd > io
+    if deterministic:
+        assert bwd > io + 2 * B * NQ * M * 2 * 3 * 4 * D * 4
+    else:
+        assert bwd == io + B * S * M * D * 4

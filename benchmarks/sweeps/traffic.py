@@ -116,6 +116,49 @@ def _upsample_residual_backward_extra(args, out) -> int:
     return 2 * B * h * nj * C * 4
 
 
+def _acc_size(t: torch.Tensor) -> int:
+    return 8 if t.dtype == torch.float64 else 4
+
+
+def _cast_extra(numel: int, t: torch.Tensor) -> int:
+    """An fp32 (fp64) buffer of ``numel`` elements cast to ``t``'s dtype at the end: the buffer is written
+    by the kernel and read by the cast (nothing when the dtype is the accumulation dtype)."""
+    return 0 if t.element_size() == _acc_size(t) else 2 * numel * _acc_size(t)
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _ms_deform_attn_backward_extra(args, out) -> int:
+    """One launch.  Default: an fp32 value-gradient buffer zero-filled, accumulated by atomics (inside the
+    launch) and cast; deterministic mode instead writes every tap's contribution (B, Nq, M, L, P, 4, D) fp32
+    and its int64 row, which ``index_put_`` reads into a zero-filled buffer.  The location and weight
+    gradients are fp32 buffers cast to the inputs' dtypes."""
+    grad_out, value, _shapes, loc, wgt = args[:5]
+    B, S, M, D = value.shape
+    _, NQ, _, L, P, _ = loc.shape
+    acc = _acc_size(value)
+    extra = _cast_extra(loc.numel(), loc) + _cast_extra(wgt.numel(), wgt)
+    if _deterministic():
+        taps = B * NQ * M * L * P * 4
+        return extra + 2 * taps * D * acc + 2 * taps * 8 + 3 * (B * S * M + 1) * D * acc + B * S * M * D * acc
+    return extra + B * S * M * D * acc + (0 if value.element_size() == acc else B * S * M * D * acc)
+
+
+def _hrca_attention_backward_extra(args, out) -> int:
+    """One launch for dq (and, by default, dk/dv by atomics into zero-filled fp32 maps, cast at the end).
+    Deterministic mode: the launch stores delta (fp32 per row, read back once); the (query, slot) pairs are
+    sorted by window (counted as six passes over them in int64: a model of the sort and the CSR build); a
+    second launch per window re-reads q, dO, k, v and the row max and sum, and writes dk/dv once."""
+    grad_out, q, k, v, win = args[:5]
+    row_stats = tensor_bytes(args[6])
+    if _deterministic():
+        return (2 * row_stats + 2 * row_stats + tensor_bytes(q) + tensor_bytes(grad_out) + tensor_bytes(k)
+                + tensor_bytes(v) + 6 * win.numel() * 8)
+    return 2 * k.numel() * _acc_size(k) + _cast_extra(k.numel(), k) + _cast_extra(v.numel(), v)
+
+
 #: ``lrformer::<op>`` -> bytes its kernels move beyond reading each argument and writing each output once.
 FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::pyramid_pool": _no_extra,            # one launch; the grids' overlapping windows hit L2
@@ -126,6 +169,10 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::upsample_residual_backward": _upsample_residual_backward_extra,
     "lrformer::dwconv3x3": _dwconv_forward_extra,
     "lrformer::dwconv3x3_backward": _dwconv_backward_extra,
+    "lrformer::hrca_attention": _no_extra,          # one launch (online softmax over the gathered windows)
+    "lrformer::hrca_attention_backward": _hrca_attention_backward_extra,
+    "lrformer::ms_deform_attn": _no_extra,          # one launch (+ a cached per-shapes level table)
+    "lrformer::ms_deform_attn_backward": _ms_deform_attn_backward_extra,
 }
 
 
