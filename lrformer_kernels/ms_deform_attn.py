@@ -62,16 +62,33 @@ __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MAX_HEAD_DIM"]
 if HAS_TRITON:
 
     @triton.jit
-    def _msda_taps(LOC, loc_off, s_lc, Hl, Wl, qmask, ACC: tl.constexpr):
-        """grid_sample's bilinear taps of one (level, point) for a block of queries: the integer
-        corner (x0, y0), the fractional parts and the pixel coordinates."""
+    def _msda_program(NQ, M, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, INT64: tl.constexpr):
+        """This program's batch b, head m, block of queries q and head-dim lanes d, with their masks."""
+        pid_q = tl.program_id(0)
+        pid_bm = tl.program_id(1)
+        b = pid_bm // M
+        m = pid_bm % M
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        if INT64:
+            b = b.to(tl.int64)
+            q = q.to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        return b, m, q, d, q < NQ, d < D
+
+    @triton.jit
+    def _msda_point(LOC, WGT, loc_row, wgt_row, lvl, pt, s_ll, s_lp, s_lc, s_wl, s_wp, Hl, Wl, qmask,
+                    ACC: tl.constexpr):
+        """One (level, point) for a block of queries: grid_sample's integer corner (x0, y0) and fractional
+        parts of the location, and the point's attention weight."""
+        loc_off = loc_row + lvl * s_ll + pt * s_lp
         lx = tl.load(LOC + loc_off, mask=qmask, other=0.0).to(ACC)
         ly = tl.load(LOC + loc_off + s_lc, mask=qmask, other=0.0).to(ACC)
         ix = ((lx * 2.0 - 1.0 + 1.0) * Wl - 1.0) * 0.5
         iy = ((ly * 2.0 - 1.0 + 1.0) * Hl - 1.0) * 0.5
         fx = tl.floor(ix)
         fy = tl.floor(iy)
-        return fx.to(tl.int32), fy.to(tl.int32), ix - fx, iy - fy
+        w = tl.load(WGT + wgt_row + lvl * s_wl + pt * s_wp, mask=qmask, other=0.0).to(ACC)
+        return fx.to(tl.int32), fy.to(tl.int32), ix - fx, iy - fy, w
 
     @triton.jit
     def _msda_corner(c: tl.constexpr, x0, y0, fx, fy, Hl, Wl, start, qmask, INT64: tl.constexpr):
@@ -99,28 +116,18 @@ if HAS_TRITON:
         NQ, M, L, P, D,
         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     ):
-        pid_q = tl.program_id(0)
-        pid_bm = tl.program_id(1)
-        b = pid_bm // M
-        m = pid_bm % M
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        if INT64:
-            b = b.to(tl.int64)
-            q = q.to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        qmask = q < NQ
-        dmask = d < D
+        b, m, q, d, qmask, dmask = _msda_program(NQ, M, D, BLOCK_Q, BLOCK_D, INT64)
         v_base = V + b * s_vb + m * s_vm + d[None, :] * s_vd
+        loc_row = b * s_lb + q * s_lq + m * s_lm
+        wgt_row = b * s_wb + q * s_wq + m * s_wm
         acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
         for lvl in range(L):
             Hl = tl.load(TABLE + 3 * lvl)
             Wl = tl.load(TABLE + 3 * lvl + 1)
             start = tl.load(TABLE + 3 * lvl + 2)
             for pt in range(P):
-                loc_off = b * s_lb + q * s_lq + m * s_lm + lvl * s_ll + pt * s_lp
-                x0, y0, fx, fy = _msda_taps(LOC, loc_off, s_lc, Hl, Wl, qmask, ACC)
-                w = tl.load(WGT + b * s_wb + q * s_wq + m * s_wm + lvl * s_wl + pt * s_wp,
-                            mask=qmask, other=0.0).to(ACC)
+                x0, y0, fx, fy, w = _msda_point(LOC, WGT, loc_row, wgt_row, lvl, pt, s_ll, s_lp, s_lc, s_wl, s_wp,
+                                                Hl, Wl, qmask, ACC)
                 for c in tl.static_range(4):
                     tx, ty, ok, row = _msda_corner(c, x0, y0, fx, fy, Hl, Wl, start, qmask, INT64)
                     v = tl.load(v_base + (row * s_vs)[:, None], mask=ok[:, None] & dmask[None, :],
@@ -142,29 +149,19 @@ if HAS_TRITON:
     ):
         # DV: (B, S, M, D) contiguous accumulation buffer (ATOMIC); DLOC/DW: contiguous like LOC/WGT
         # shapes; CONTRIB (B, NQ, M, L, P, 4, D) and ROWS (same without D) in deterministic mode.
-        pid_q = tl.program_id(0)
-        pid_bm = tl.program_id(1)
-        b = pid_bm // M
-        m = pid_bm % M
-        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        if INT64:
-            b = b.to(tl.int64)
-            q = q.to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        qmask = q < NQ
-        dmask = d < D
+        b, m, q, d, qmask, dmask = _msda_program(NQ, M, D, BLOCK_Q, BLOCK_D, INT64)
         qd = qmask[:, None] & dmask[None, :]
         g = tl.load(DO + b * s_db + q[:, None] * s_dq + (m * D + d)[None, :] * s_dc, mask=qd, other=0.0).to(ACC)
         v_base = V + b * s_vb + m * s_vm + d[None, :] * s_vd
+        loc_row = b * s_lb + q * s_lq + m * s_lm
+        wgt_row = b * s_wb + q * s_wq + m * s_wm
         for lvl in range(L):
             Hl = tl.load(TABLE + 3 * lvl)
             Wl = tl.load(TABLE + 3 * lvl + 1)
             start = tl.load(TABLE + 3 * lvl + 2)
             for pt in range(P):
-                loc_off = b * s_lb + q * s_lq + m * s_lm + lvl * s_ll + pt * s_lp
-                x0, y0, fx, fy = _msda_taps(LOC, loc_off, s_lc, Hl, Wl, qmask, ACC)
-                w = tl.load(WGT + b * s_wb + q * s_wq + m * s_wm + lvl * s_wl + pt * s_wp,
-                            mask=qmask, other=0.0).to(ACC)
+                x0, y0, fx, fy, w = _msda_point(LOC, WGT, loc_row, wgt_row, lvl, pt, s_ll, s_lp, s_lc, s_wl, s_wp,
+                                                Hl, Wl, qmask, ACC)
                 dw = tl.zeros([BLOCK_Q], ACC)
                 dix = tl.zeros([BLOCK_Q], ACC)
                 diy = tl.zeros([BLOCK_Q], ACC)
