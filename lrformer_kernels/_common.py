@@ -18,9 +18,6 @@ except Exception:  # pragma: no cover - depends on the install
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-#: log2(e): kernels that use exp2 fold it into the softmax scale.
-LOG2E = 1.4426950408889634
-
 #: Under the interpreter the ops use much bigger tiles (its cost is per program and per op, not per
 #: element).  The tests switch this off to run the exact GPU tile configurations on the CPU.
 INTERPRETER_BIG_TILES = True

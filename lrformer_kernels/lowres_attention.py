@@ -20,9 +20,11 @@ Design (flash-attention style, one launch for all batches and heads):
   ``lse`` loses ``log(row_sum)`` once the logits are large (``lse`` of 13 equal logits at 1e8 rounds
   to 1e8, so every p becomes 1 instead of 1/13), while ``s - row_max`` is exact where it matters
   and ``row_sum`` is in [1, M].  The logits are computed in natural units (``dot * scale``) in the
-  forward and the backward alike, and converted to base 2 only after subtracting the maximum,
-  so the backward's ``s - row_max`` is the forward's bit for bit.  This makes the fp32 backward as
-  accurate as native fp32 attention at any logit scale (tests/test_lowres_attention.py,
+  forward and the backward alike (no rounded ``scale * log2 e`` folded in) and converted to base 2
+  only after subtracting the maximum, so the backward's ``s - row_max`` carries only the rounding
+  of recomputing ``s`` (none for tied logits; an ulp of ``s`` where the dK/dV kernel's transposed
+  product sums in another order), as native fp32 attention's own logits do.  This makes the fp32
+  backward as accurate as native fp32 attention at any logit scale (tests/test_lowres_attention.py,
   ``test_huge_logits*``).
 * inputs may be arbitrary strided views (e.g. ``k = kv[..., :C]``, ``v = kv[..., C:]``); only the
   strides are passed, nothing is copied.  Head dims that are not powers of two are padded with

@@ -126,10 +126,6 @@ def _cast_extra(numel: int, t: torch.Tensor) -> int:
     return 0 if t.element_size() == _acc_size(t) else 2 * numel * _acc_size(t)
 
 
-def _deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
-
-
 def _ms_deform_attn_backward_extra(args, out) -> int:
     """One launch.  Default: an fp32 value-gradient buffer zero-filled, accumulated by atomics (inside the
     launch) and cast; deterministic mode instead writes every tap's contribution (B, Nq, M, L, P, 4, D) fp32
@@ -140,7 +136,7 @@ def _ms_deform_attn_backward_extra(args, out) -> int:
     _, NQ, _, L, P, _ = loc.shape
     acc = _acc_size(value)
     extra = _cast_extra(loc.numel(), loc) + _cast_extra(wgt.numel(), wgt)
-    if _deterministic():
+    if torch.are_deterministic_algorithms_enabled():
         taps = B * NQ * M * L * P * 4
         return extra + 2 * taps * D * acc + 2 * taps * 8 + 3 * (B * S * M + 1) * D * acc + B * S * M * D * acc
     return extra + B * S * M * D * acc + (0 if value.element_size() == acc else B * S * M * D * acc)
@@ -153,7 +149,7 @@ def _hrca_attention_backward_extra(args, out) -> int:
     second launch per window re-reads q, dO, k, v and the row max and sum, and writes dk/dv once."""
     grad_out, q, k, v, win = args[:5]
     row_stats = tensor_bytes(args[6])
-    if _deterministic():
+    if torch.are_deterministic_algorithms_enabled():
         return (2 * row_stats + 2 * row_stats + tensor_bytes(q) + tensor_bytes(grad_out) + tensor_bytes(k)
                 + tensor_bytes(v) + 6 * win.numel() * 8)
     return 2 * k.numel() * _acc_size(k) + _cast_extra(k.numel(), k) + _cast_extra(v.numel(), v)
