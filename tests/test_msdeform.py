@@ -68,7 +68,7 @@ def test_msdeform_module_offsets_in_level_pixels():
         mod.attention_weights.bias.copy_(torch.tensor([0.0, 50.0]))     # all weight on level 1
     S = sum(h * w for h, w in shapes)
     value = torch.randn(1, S, dim, dtype=torch.float64)
-    ref = encoder_reference_points(shapes, 1, dtype=torch.float64)       # (1, S, L, 2)
+    ref = encoder_reference_points(shapes, 1)                            # (1, S, L, 2) float32
     q = torch.zeros(1, S, dim, dtype=torch.float64)
     out = mod(q, ref, value, shapes)
     lvl1 = value[0, 15:].reshape(2, 4, dim)

@@ -77,7 +77,7 @@ def deform_encode(layers: Sequence[nn.Module], maps: Sequence[torch.Tensor], pos
     shapes = [tuple(m.shape[-2:]) for m in maps]
     src = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
     p = torch.cat([t.flatten(2).transpose(1, 2) for t in pos], 1)
-    ref = encoder_reference_points(shapes, B, src.device, src.dtype)
+    ref = encoder_reference_points(shapes, B, src.device)
     for layer in layers:
         src = layer(src, p, ref, shapes)
     outs, start = [], 0

@@ -72,7 +72,11 @@ class MSDeformAttn(Fusable, nn.Module):
         # offsets are in pixels of each level: divide by (W_l, H_l) to get normalised units
         normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        return self.output_proj(self.ops.ms_deform_attn(value, shapes, locations, weights))
+        # the float32 reference points promote a float64 model's locations as in the released code; under
+        # autocast (bf16 value, fp32 points) the sampling runs in the widest of the three dtypes
+        dt = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), weights.dtype)
+        value, locations, weights = value.to(dt), locations.to(dt), weights.to(dt)
+        return self.output_proj(self.ops.ms_deform_attn(value, shapes, locations, weights).to(query.dtype))
 
 
 def sine_position_encoding(b: int, h: int, w: int, dim: int, device=None, dtype=torch.float32,
@@ -120,14 +124,20 @@ class DeformEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
 
 
-def encoder_reference_points(shapes: Sequence[Tuple[int, int]], batch: int, device=None,
-                             dtype=torch.float32) -> torch.Tensor:
+def encoder_reference_points(shapes: Sequence[Tuple[int, int]], batch: int, device=None) -> torch.Tensor:
     """Reference point of every token = its pixel centre, normalised -> (B, S, L, 2) (x, y), the
-    same point for all L levels (no padding, so Deformable DETR's valid ratios are all 1)."""
+    same point for all L levels (no padding, so Deformable DETR's valid ratios are all 1).
+
+    Always float32, whatever the model's dtype, as both released decoders build them (FASeg's
+    ``get_reference_points``: ``linspace(0.5, H - 0.5, H, dtype=float32) / H``; mmdet 3's
+    ``MlvlPointGenerator``: float32 ``(i + 0.5) * stride`` over an integer ``W * stride``): each is
+    float32's correctly rounded ``(i + 0.5) / H``; a float64 model promotes them when it adds the
+    offsets, so at sides that are not powers of two the points differ from float64's ``(i + 0.5) / H``.
+    """
     refs = []
     for h, w in shapes:
-        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
-        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+        ys = torch.linspace(0.5, h - 0.5, h, device=device, dtype=torch.float32) / h
+        xs = torch.linspace(0.5, w - 0.5, w, device=device, dtype=torch.float32) / w
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         refs.append(torch.stack([xx.flatten(), yy.flatten()], -1))
     ref = torch.cat(refs, 0)                                              # (S, 2)
