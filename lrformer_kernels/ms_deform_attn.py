@@ -13,7 +13,7 @@ Design
 * forward, ONE launch for all levels: grid ``(cdiv(Nq, BLOCK_Q), B * M)``; a program owns a block of
   queries of one (batch, head) and the whole head dim (``BLOCK_D = next_pow2(D)``, masked), loops over
   the levels (their (H, W, start) from a small int32 table) and points, computes the 4 bilinear taps'
-  weights exactly as ``grid_sample`` does (``ix = ((2x - 1 + 1) W - 1) / 2``, ``floor``), gathers the
+  weights exactly as ``grid_sample`` does on the CPU (``ix = fma(2x - 1 + 1, W / 2, -0.5)``, ``floor``), gathers the
   valid taps' value rows (contiguous runs of D channels) and accumulates ``w * tap * value`` in fp32
   (fp64 for fp64 inputs).  Nothing of size (Nq, M, L, P, D) is materialised (the reference stores
   every sampled value and its gradient).
@@ -44,7 +44,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import (FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
+from ._common import (cdiv, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
                       launch_options, needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
@@ -83,8 +83,11 @@ if HAS_TRITON:
         loc_off = loc_row + lvl * s_ll + pt * s_lp
         lx = tl.load(LOC + loc_off, mask=qmask, other=0.0).to(ACC)
         ly = tl.load(LOC + loc_off + s_lc, mask=qmask, other=0.0).to(ACC)
-        ix = ((lx * 2.0 - 1.0 + 1.0) * Wl - 1.0) * 0.5
-        iy = ((ly * 2.0 - 1.0 + 1.0) * Hl - 1.0) * 0.5
+        # exactly grid_sample's CPU arithmetic (the reference): grid g = 2 loc - 1, then one fused
+        # multiply-add ix = (g + 1) * (W / 2) - 0.5; at a pixel centre of a side that is not a power of
+        # two any other order rounds ix to the other side of an integer (another corner: another gradient)
+        ix = tl.fma(lx * 2.0 - 1.0 + 1.0, Wl.to(ACC) * 0.5, -0.5)
+        iy = tl.fma(ly * 2.0 - 1.0 + 1.0, Hl.to(ACC) * 0.5, -0.5)
         fx = tl.floor(ix)
         fy = tl.floor(iy)
         w = tl.load(WGT + wgt_row + lvl * s_wl + pt * s_wp, mask=qmask, other=0.0).to(ACC)
@@ -241,7 +244,7 @@ def _forward_triton(value, shapes, locations, weights):
     block_q, block_d, warps = _forward_config(D)
     table = _level_table(shapes, value.device)
     with device_guard(value):
-        _msda_fwd_kernel[(triton.cdiv(NQ, block_q), B * M)](
+        _msda_fwd_kernel[(cdiv(NQ, block_q), B * M)](
             value, table, locations, weights, out,
             *value.stride(), *locations.stride(), *weights.stride(), *out.stride(),
             NQ, M, L, P, D,
@@ -268,7 +271,7 @@ def _backward_triton(grad_out, value, shapes, locations, weights, deterministic:
     table = _level_table(shapes, value.device)
     int64 = needs_int64(value, locations, weights, grad_out, dloc) or B * NQ * M * L * P * 4 * D >= 2 ** 31 - 1
     with device_guard(value):
-        _msda_bwd_kernel[(triton.cdiv(NQ, block_q), B * M)](
+        _msda_bwd_kernel[(cdiv(NQ, block_q), B * M)](
             value, table, locations, weights, grad_out, dv if dv is not None else dloc, dloc, dw, contrib, rows,
             *value.stride(), *locations.stride(), *weights.stride(), *grad_out.stride(),
             NQ, M, L, P, D, S,

@@ -82,6 +82,47 @@ def test_locations_on_pixel_borders_and_edges():
           inputs=[t.requires_grad_() for t in (v, loc, w)])
 
 
+def test_issue_example_pixel_centre_gradient():
+    """One 3x5 level, value = arange(15), a point exactly on a pixel centre (x = 3.5/5 + 1/5, y = 0.5/3):
+    the kernel must pick grid_sample's corners (ix lands an ulp below 4 there), so its location
+    gradient is the reference's [5, 12] (the old ((2x - 1 + 1) W - 1) / 2 gave [-20, 12])."""
+    v = torch.arange(15, dtype=torch.float64).reshape(1, 15, 1, 1).requires_grad_()
+    loc = torch.tensor([3.5 / 5 + 1 / 5, 0.5 / 3], dtype=torch.float64).reshape(1, 1, 1, 1, 1, 2).requires_grad_()
+    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    for fn in (K.ms_deform_attn, K.ms_deform_attn_reference):
+        out = fn(v, [(3, 5)], loc, w)
+        dloc, = torch.autograd.grad(out.sum(), loc)
+        torch.testing.assert_close(dloc.flatten(), torch.tensor([5.0, 12.0], dtype=torch.float64), rtol=1e-12, atol=1e-12,
+                                   msg=fn.__name__)
+
+
+@pytest.mark.parametrize("points", ["float32", "float64"])
+def test_on_lattice_locations_non_power_of_two(points):
+    """Deformable DETR's initialisation: every point a whole number of pixels from a pixel centre, at
+    levels whose sides are not powers of two (3, 5, 7, 12, 14, 24), reference points built in float32
+    as the released decoders do (then promoted) or in float64: kernel == reference, float64, forward
+    and every gradient (a corner picked differently changes dlocations by O(1))."""
+    shapes = [(3, 5), (7, 12), (14, 24)]
+    M, D, P = 2, 3, 4
+    dt = torch.float32 if points == "float32" else torch.float64
+    centres = []
+    for h, w in shapes:     # every pixel centre of every level
+        ys = (torch.arange(h, dtype=dt) + 0.5) / h
+        xs = (torch.arange(w, dtype=dt) + 0.5) / w
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        centres.append(torch.stack([xx.flatten(), yy.flatten()], -1))
+    ref = torch.cat(centres).double()                                          # (Nq, 2)
+    Nq = ref.shape[0]
+    # per head, level and point: an offset of k pixels of that level along a ray, as the released init
+    k = torch.tensor([[1, 0], [0, -1], [-2, 1], [3, 2]], dtype=torch.float64)  # (P, 2) in pixels
+    norm = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)      # (L, 2)
+    off = torch.stack([k, -k.flip(1)])[:, None] / norm[None, :, None]           # (M, L, P, 2)
+    loc = (ref[:, None, None, None, :] + off[None]).unsqueeze(0).contiguous()  # (1, Nq, M, L, P, 2)
+    v = torch.randn(1, sum(h * w for h, w in shapes), M, D, dtype=torch.float64)
+    wgt = torch.rand(1, Nq, M, len(shapes), P, dtype=torch.float64)
+    check(shapes, 1, M, D, Nq, P, torch.float64, "cpu", inputs=[t.requires_grad_() for t in (v, loc, wgt)])
+
+
 def test_gpu_tiles_and_int64_offsets(monkeypatch):
     """The tile configuration the CUDA dispatch picks (not the interpreter's big blocks), with several
     query blocks, and the int64 offset path."""
