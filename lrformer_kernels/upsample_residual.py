@@ -28,7 +28,7 @@ import torch
 
 import torch.nn.functional as F
 
-from ._common import (launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+from ._common import (cdiv, launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
                       new_empty, next_pow2, use_kernel)
 
 if HAS_TRITON:
@@ -94,7 +94,12 @@ if HAS_TRITON:
         v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(ACC)
         v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(ACC)
         v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(ACC)
-        up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        # Along a side whose size does not change the resize is the identity (F.interpolate's single tap):
+        # select instead of weighting by 0, so a NaN/inf in low stays in its own pixel as in the reference
+        # (where sizes differ F.interpolate multiplies zero-weight taps too, and so do we)
+        r0 = tl.where(w == W, v00, (1.0 - lx) * v00 + lx * v01)
+        r1 = tl.where(w == W, v10, (1.0 - lx) * v10 + lx * v11)
+        up = tl.where(h == H, r0, (1.0 - ly) * r0 + ly * r1)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + cc * s_scale, mask=cmask, other=0.0).to(ACC)
             up = up * sc[None, :]
@@ -251,7 +256,7 @@ def _forward_triton(x, low, scale, keep, out):
     npix = B * H * W
     int64 = needs_int64(x, low, out) or _index_int64(H, W, h, w)
     BLOCK_P, BLOCK_C = _forward_config(npix, C, int64)
-    grid = (triton.cdiv(npix, BLOCK_P), triton.cdiv(C, BLOCK_C))
+    grid = (cdiv(npix, BLOCK_P), cdiv(C, BLOCK_C))
     dummy = x
     with device_guard(x):
         _upres_fwd_kernel[grid](
@@ -269,11 +274,11 @@ def _backward_triton(grad, low, scale, keep, need_dlow, need_dscale):
     B, H, W, C = grad.shape
     _, h, w, _ = low.shape
     BLOCK_J, BLOCK_OW, BLOCK_C = _backward_config(H, W, w, C)
-    NJ = triton.cdiv(w, BLOCK_J)
+    NJ = cdiv(w, BLOCK_J)
     acc = acc_dtype(grad.dtype)
     dlow = new_empty(low.shape, low.dtype, low.device) if need_dlow else None
     part = new_empty((B * h * NJ, C), acc, low.device) if need_dscale else None
-    grid = (B * h, NJ, triton.cdiv(C, BLOCK_C))
+    grid = (B * h, NJ, cdiv(C, BLOCK_C))
     dummy = low
     with device_guard(grad):
         _upres_bwd_kernel[grid](

@@ -283,3 +283,26 @@ def test_index_products_past_int32(monkeypatch):
     monkeypatch.setattr(mod, "_index_int64", lambda *a: False)      # the old rule: sizes only
     out, got = run()
     assert rel_err(out, ref) > 1e-3 or rel_err(got, want) > 1e-3
+
+
+@pytest.mark.parametrize("hw,HW", [((3, 3), (3, 3)), ((3, 4), (3, 9)), ((5, 3), (11, 3)), ((3, 3), (6, 6)),
+                                   ((6, 6), (3, 2)), ((4, 5), (7, 3))])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_low_stays_where_the_reference_puts_it(hw, HW, bad):
+    """A NaN/inf in ``low`` lands in exactly the output pixels where F.interpolate puts it: along a side
+    whose size is unchanged the resize is the identity (one tap; the old kernel weighted the neighbour
+    by 0 and spread 0 * NaN to 4 pixels of a same-size 3x3 map), elsewhere every tap F.interpolate
+    multiplies, zero weights included.  Every position of the bad value, float64, kernel path:
+    the same non-finite pixels, NaN exactly where the reference has NaN."""
+    (h, w), (H, W) = hw, HW
+    x = torch.randn(1, H, W, 2, dtype=torch.float64)
+    for pos in range(h * w):
+        low = torch.arange(h * w * 2, dtype=torch.float64).reshape(1, h, w, 2)
+        low.view(-1, 2)[pos, 0] = bad
+        out = upsample_residual(x, low)
+        ref = ref_F.upsample_residual_reference(x, low)
+        ok = ref.isfinite()
+        assert torch.equal(out.isfinite(), ok), pos
+        if bad != bad:      # NaN: NaN exactly there (an inf may come out as inf or, by F.interpolate's
+            assert torch.equal(out.isnan(), ref.isnan()), pos   # lerp form inf + 0 * (v - inf), as NaN)
+        assert rel_err(out[ok], ref[ok]) < 1e-12
