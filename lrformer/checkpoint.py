@@ -5,13 +5,26 @@ import hashlib
 import os
 from typing import Mapping, Optional, Union
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 import torch.nn as nn
 
 
 class CheckpointMismatch(RuntimeError):
-    """The checkpoint's keys or shapes do not match the model (message lists them)."""
+    """The checkpoint's keys or shapes do not match the model.  The message is one line naming the counts
+    and the first few keys of each kind; the full lists are in ``missing``, ``unexpected`` and
+    ``shape_errors``."""
+
+    def __init__(self, missing, unexpected, shape_errors, show: int = 3):
+        self.missing, self.unexpected, self.shape_errors = list(missing), list(unexpected), list(shape_errors)
+        parts = []
+        for what, keys in (("mis-shaped", self.shape_errors), ("missing", self.missing),
+                           ("unexpected", self.unexpected)):
+            if keys:
+                more = f", ... {len(keys) - show} more" if len(keys) > show else ""
+                parts.append(f"{len(keys)} {what} ({'; '.join(keys[:show])}{more})")
+        super().__init__("checkpoint does not match the model: " + ", ".join(parts))
 
 
 class CheckpointError(ValueError):
@@ -30,15 +43,27 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def _cache_name(url: str) -> str:
+    """The hub-cache file of a URL: a short hash of the whole URL, then its basename, so two URLs that
+    end in the same file name (two ``.../model.pth``) never share a cached file."""
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return f"{digest}-{os.path.basename(urlparse(url).path) or 'checkpoint.pth'}"
+
+
 def fetch_checkpoint(path_or_url: Union[str, os.PathLike], sha256: Optional[str] = None) -> str:
-    """A local path for a checkpoint given as a path or a URL (``http(s)://``, ``file://``): URLs are
-    downloaded once into torch's hub cache (``torch.hub.get_dir()/checkpoints``).  With ``sha256``, the
-    file's SHA-256 must start with it (a full digest or a prefix of at least 8 hex digits)."""
+    """A local path for a checkpoint given as a path or a URL: ``file://`` URLs are read in place;
+    ``http(s)://`` and ``ftp://`` ones are downloaded once into torch's hub cache
+    (``torch.hub.get_dir()/checkpoints/<hash of the URL>-<file name>``).  With ``sha256``, the file's
+    SHA-256 must start with it (a full digest or a prefix of at least 8 hex digits)."""
     path = os.fspath(path_or_url)
-    if is_url(path):
+    if is_url(path) and urlparse(path).scheme == "file":
+        path = url2pathname(urlparse(path).path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path} (from {path_or_url})")
+    elif is_url(path):
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         os.makedirs(cache, exist_ok=True)
-        local = os.path.join(cache, os.path.basename(urlparse(path).path) or "checkpoint.pth")
+        local = os.path.join(cache, _cache_name(path))
         if not os.path.exists(local):
             try:
                 torch.hub.download_url_to_file(path, local, progress=True)
@@ -95,7 +120,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     Accepts the mmseg files (``state_dict`` wrapper, ``backbone.``/``decode_head.`` prefixes) and the
     encoder-only ImageNet files.  An encoder-only file loaded into a segmentor loads the encoder
     strictly and reports the head as missing (it is trained from scratch).  Raises
-    :class:`CheckpointMismatch` naming every missing, unexpected or mis-shaped key otherwise.
+    :class:`CheckpointMismatch` (one line: the counts and first keys; the full lists as attributes) otherwise.
     ``checkpoint`` may be a path, a URL (downloaded once into torch's hub cache) or a state dict;
     ``sha256`` checks the file.  Returns ``(missing, unexpected)``.
     """
@@ -122,14 +147,7 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     head_missing = [k for k in missing if k.startswith("decode_head.")] if encoder_only_file else []
     real_missing = [k for k in missing if k not in head_missing]
     if shape_errors or (strict and (real_missing or unexpected)):
-        lines = []
-        if shape_errors:
-            lines.append(f"{len(shape_errors)} shape mismatch(es):\n  " + "\n  ".join(shape_errors))
-        if real_missing:
-            lines.append(f"{len(real_missing)} missing key(s):\n  " + "\n  ".join(real_missing))
-        if unexpected:
-            lines.append(f"{len(unexpected)} unexpected key(s):\n  " + "\n  ".join(unexpected))
-        raise CheckpointMismatch("checkpoint does not match the model:\n" + "\n".join(lines))
+        raise CheckpointMismatch(real_missing if strict else [], unexpected if strict else [], shape_errors)
     model.load_state_dict(state, strict=False)
     if verbose or head_missing:
         msg = f"loaded {len(state)} tensors"

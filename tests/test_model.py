@@ -132,7 +132,7 @@ def test_checkpoint_file_variants(tmp_path):
     bad = dict(state)
     bad.pop("backbone.block1.0.cpe.bias")
     bad["backbone.extra.weight"] = torch.zeros(1)
-    with pytest.raises(lrformer.CheckpointMismatch, match="block1.0.cpe.bias(.|\n)*extra.weight"):
+    with pytest.raises(lrformer.CheckpointMismatch, match="block1.0.cpe.bias.*extra.weight"):
         lrformer.load_checkpoint(lrformer.create_model("lrformer_t"), bad)
     bad = dict(state)
     bad["backbone.block1.0.cpe.bias"] = torch.zeros(3)
@@ -316,8 +316,8 @@ def test_torch_compile_jit_trace_export():
 
 # ------------------------------------------------------------------------------- newcomer's errors
 def test_pretrained_by_url_with_sha256_and_garbage_files(tmp_path, monkeypatch):
-    """create_model(pretrained=URL): downloaded once into torch's hub cache (a file:// URL here), the
-    SHA-256 checked; a garbage or foreign file is a one-line CheckpointError naming it."""
+    """create_model(pretrained=URL): a file:// URL read in place (no cached copy), the SHA-256 checked;
+    a garbage or foreign file is a one-line CheckpointError naming it."""
     import hashlib
     kw = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), head_channels=16)
     src = lrformer.create_model("lrformer_t", num_classes=5, **kw)
@@ -326,11 +326,16 @@ def test_pretrained_by_url_with_sha256_and_garbage_files(tmp_path, monkeypatch):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     m = lrformer.create_model("lrformer_t", num_classes=5, pretrained=path.as_uri(), pretrained_sha256=digest[:12], **kw)
-    assert (tmp_path / "hub" / "checkpoints" / "w.pth").exists()
+    assert not (tmp_path / "hub" / "checkpoints").exists()          # read in place, not copied
     for (k, a), b in zip(m.state_dict().items(), src.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(lrformer.CheckpointError, match="SHA-256"):
         lrformer.create_model("lrformer_t", num_classes=5, pretrained=str(path), pretrained_sha256="deadbeef", **kw)
+    # the file rewritten behind the same file:// URL: the new weights (an old cache by name served the old)
+    src2 = lrformer.create_model("lrformer_t", num_classes=5, **kw)
+    torch.save({"state_dict": src2.state_dict()}, path)
+    m2 = lrformer.create_model("lrformer_t", num_classes=5, pretrained=path.as_uri(), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), src2.state_dict().values()))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(lrformer.CheckpointError, match="garbage.pth: not a readable PyTorch checkpoint"):
@@ -360,3 +365,54 @@ def test_bad_images_and_labels_are_one_line_errors():
     m.train()
     a, b = m.predict(x), m.predict(x)                  # eval mode inside predict: same labels twice
     assert torch.equal(a, b) and m.training
+
+
+def test_pretrained_urls_with_the_same_file_name_do_not_share_the_cache(tmp_path, monkeypatch):
+    """Two http URLs ending in the same file name (``.../a/model.pth``, ``.../b/model.pth``) are two
+    cached files (keyed by a hash of the URL): each loads its own weights, each is downloaded once,
+    and the SHA-256 check still applies to the cached file."""
+    import hashlib
+    kw = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), head_channels=16)
+    served, downloads = {}, []
+    for name in ("a", "b"):
+        m = lrformer.create_model("lrformer_t", num_classes=5, **kw)
+        f = tmp_path / f"{name}.pth"
+        torch.save({"state_dict": m.state_dict()}, f)
+        served[f"https://example.org/{name}/model.pth"] = (f, m)
+
+    def download(url, dst, progress=True):
+        downloads.append(url)
+        import shutil
+        shutil.copyfile(served[url][0], dst)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        for url, (f, src) in served.items():
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            got = lrformer.create_model("lrformer_t", num_classes=5, pretrained=url, pretrained_sha256=digest[:10], **kw)
+            assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), src.state_dict().values())), url
+    assert sorted(downloads) == sorted(served)                      # once each
+    assert len(list((tmp_path / "hub" / "checkpoints").iterdir())) == 2
+    with pytest.raises(lrformer.CheckpointError, match="SHA-256"):
+        lrformer.create_model("lrformer_t", num_classes=5, pretrained="https://example.org/a/model.pth",
+                              pretrained_sha256="deadbeef", **kw)
+
+
+@needs_shared
+def test_checkpoint_mismatch_is_one_line_naming_keys():
+    """A checkpoint that does not match: one line with the counts and the first keys of each kind (the
+    CLIs print only the first line; the old message put every key on lines of their own)."""
+    spec = official("lrformer_t")
+    state = {k: torch.zeros(tuple(s)) if s else torch.tensor(0) for k, s in spec["state_dict"]}
+    keys = list(state)
+    for k in keys[:5]:
+        state.pop(k)
+    state["backbone.extra.weight"] = torch.zeros(1)
+    state[keys[10]] = torch.zeros(7)
+    with pytest.raises(lrformer.CheckpointMismatch) as e:
+        lrformer.load_checkpoint(lrformer.create_model("lrformer_t"), state)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("checkpoint does not match the model: 1 mis-shaped (" + keys[10])
+    assert "5 missing (" + sorted(keys[:5])[0] in msg and "... 2 more" in msg and "1 unexpected (backbone.extra.weight)" in msg
+    assert e.value.missing == sorted(keys[:5]) and e.value.unexpected == ["backbone.extra.weight"]
