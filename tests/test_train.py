@@ -434,3 +434,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(["--sizes", "512x"])
         assert e.value.code == 2 and "'512x': expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_resume_is_exact(data, tmp_path, monkeypatch, capsys, sig):
+    """SIGTERM (preemption) / SIGINT (Ctrl-C) during step 3: the step finishes, latest.pth is saved at
+    step 4 (the save interval is 100), TrainingInterrupted says where; --resume auto then ends where an
+    uninterrupted run does, bit for bit.  --resume auto in an empty work dir says it starts from scratch."""
+    import signal
+    kw = dict(TINY, drop_path_rate=0.2)
+    common = ["--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "3", "--log-interval", "1",
+              "--save-interval", "100", "--eval-interval", "0", "--seed", "3"]
+    straight = lr_train.main(tiny_args(data, str(tmp_path / "a"), 6, *common, kwargs=kw))
+    wd = str(tmp_path / "b")
+    real_set_lr = lr_train.set_lr
+
+    def set_lr(optimizer, step, args):
+        if step == 3:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real_set_lr(optimizer, step, args)
+    monkeypatch.setattr(lr_train, "set_lr", set_lr)
+    capsys.readouterr()
+    with pytest.raises(lr_train.TrainingInterrupted, match=f"{sig} at step 4"):
+        lr_train.main(tiny_args(data, wd, 6, *common, "--resume", "auto", kwargs=kw))
+    assert "nothing to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL                       # handlers restored
+    assert torch.load(os.path.join(wd, "latest.pth"), weights_only=False)["step"] == 4
+    monkeypatch.setattr(lr_train, "set_lr", real_set_lr)
+    resumed = lr_train.main(tiny_args(data, wd, 6, *common, "--resume", "auto", kwargs=kw))
+    assert resumed["step"] == 6
+    for k, v in straight["model"].state_dict().items():
+        assert torch.equal(v, resumed["model"].state_dict()[k]), k

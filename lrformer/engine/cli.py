@@ -114,8 +114,8 @@ def run_cli(main: Callable, prog: str, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:            # the trainer's TrainingInterrupted says what it saved
+        print(f"{prog}: {e}" if str(e) else f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug
         if "--debug" in argv:

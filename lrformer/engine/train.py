@@ -28,7 +28,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -77,13 +79,28 @@ def save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
-def find_resume(resume: Optional[str], work_dir: str) -> Optional[str]:
-    """``--resume auto``: ``work_dir/latest.pth`` if present (else start fresh); a path: that file."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during training: raised after the checkpoint of the step in progress was saved."""
+
+    def __init__(self, signame: str, step: int, checkpoint: Optional[str]):
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        super().__init__(f"interrupted by {signame} at step {step}: saved {checkpoint}; continue with "
+                         f"--resume auto")
+
+
+def find_resume(resume: Optional[str], work_dir: str, verbose: bool = False) -> Optional[str]:
+    """``--resume auto``: ``work_dir/latest.pth`` if present (else start fresh, saying so when
+    ``verbose``); a path: that file."""
     if not resume:
         return None
     if resume == "auto":
         path = os.path.join(work_dir, "latest.pth")
-        return path if os.path.isfile(path) else None
+        if os.path.isfile(path):
+            return path
+        if verbose:
+            print(f"--resume auto: nothing to resume in {work_dir} (no latest.pth), starting from scratch",
+                  file=sys.stderr)
+        return None
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
     return resume
@@ -236,7 +253,7 @@ def train(args) -> Dict[str, object]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start = 0
-    resume_path = find_resume(args.resume, args.work_dir)
+    resume_path = find_resume(args.resume, args.work_dir, verbose=info.is_main)
     if resume_path:
         ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["state_dict"])
@@ -321,56 +338,91 @@ def train(args) -> Dict[str, object]:
         from tqdm import tqdm
         bar = tqdm(total=args.iters, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
-    net.train()
-    step, last_ckpt, last_eval, last_loss = start, None, None, float("nan")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_sum, t_log = 0, time.time()
-    for batch in loader:
-        lr = set_lr(optimizer, step, args)
-        torch.manual_seed(_step_seed(args.seed, step, info.rank))  # dropout / drop path, resumable
-        images = batch["img"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = net(images, labels)
-        scaler.scale(loss).backward()
-        if args.clip_grad:                          # global L2 norm over the whole model
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_sum += loss.detach().double()
-        n_sum += 1
-        if bar is not None:
-            bar.update(1)
-        if step % args.log_interval == 0 or step == end:
-            stats = torch.stack([loss_sum, torch.tensor(float(n_sum), dtype=torch.float64, device=device)])
-            all_reduce_sum(stats)
-            last_loss = (stats[0] / stats[1]).item()
-            if not math.isfinite(last_loss):  # the same all-reduced value on every rank: all stop together
-                raise FloatingPointError(f"non-finite loss ({last_loss}) in steps {step - n_sum + 1}..{step}; "
-                                         f"last batch: {batch['path']}")
-            dt = time.time() - t_log
-            if info.is_main:
-                _log({"step": step, "loss": last_loss, "lr": lr,
-                      "imgs_per_s": n_sum * args.batch_size / max(dt, 1e-9),
-                      "mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0})
+    # SIGINT (Ctrl-C) / SIGTERM (a scheduler's preemption): finish the step in progress, save a checkpoint
+    # (rank 0, atomically, as every save) and stop; a second signal stops at once
+    stop = {"signal": None}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        if info.is_main:
+            print(f"{stop['signal']}: saving a checkpoint after this step (send it again to stop at once)",
+                  file=sys.stderr)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_requested() -> bool:
+        if not info.distributed:
+            return stop["signal"] is not None
+        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+        all_reduce_sum(flag)                       # every rank stops at the same step
+        if flag.item() and stop["signal"] is None:
+            stop["signal"] = "a signal on another rank"
+        return bool(flag.item())
+
+    try:
+        net.train()
+        step, last_ckpt, last_eval, last_loss = start, None, None, float("nan")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_sum, t_log = 0, time.time()
+        for batch in loader:
+            lr = set_lr(optimizer, step, args)
+            torch.manual_seed(_step_seed(args.seed, step, info.rank))  # dropout / drop path, resumable
+            images = batch["img"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = net(images, labels)
+            scaler.scale(loss).backward()
+            if args.clip_grad:                          # global L2 norm over the whole model
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += loss.detach().double()
+            n_sum += 1
+            if bar is not None:
+                bar.update(1)
+            if step % args.log_interval == 0 or step == end:
+                stats = torch.stack([loss_sum, torch.tensor(float(n_sum), dtype=torch.float64, device=device)])
+                all_reduce_sum(stats)
+                last_loss = (stats[0] / stats[1]).item()
+                if not math.isfinite(last_loss):  # the same all-reduced value on every rank: all stop together
+                    raise FloatingPointError(f"non-finite loss ({last_loss}) in steps {step - n_sum + 1}..{step}; "
+                                             f"last batch: {batch['path']}")
+                dt = time.time() - t_log
+                if info.is_main:
+                    _log({"step": step, "loss": last_loss, "lr": lr,
+                          "imgs_per_s": n_sum * args.batch_size / max(dt, 1e-9),
+                          "mem_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                loss_sum.zero_()
+                n_sum, t_log = 0, time.time()
+            if stop_requested():
+                last_ckpt = checkpoint(step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-            loss_sum.zero_()
-            n_sum, t_log = 0, time.time()
-        if step % args.save_interval == 0 or step == end:
-            last_ckpt = checkpoint(step)
-        if val_dataset is not None and (step % args.eval_interval == 0 or step == args.iters):
-            last_eval = run_eval(step)
-    if bar is not None:
-        bar.close()
-    if step == start and info.is_main:
-        print(f"nothing to do: already at step {step} of {args.iters}", file=sys.stderr)
-    cleanup()
-    return {"step": step, "checkpoint": last_ckpt, "loss": last_loss, "eval": last_eval,
-            "rank": info.rank, "world_size": info.world_size, "model": model}
+                    bar.close()
+                cleanup()
+                raise TrainingInterrupted(stop["signal"], step, last_ckpt)
+            if step % args.save_interval == 0 or step == end:
+                last_ckpt = checkpoint(step)
+            if val_dataset is not None and (step % args.eval_interval == 0 or step == args.iters):
+                last_eval = run_eval(step)
+        if bar is not None:
+            bar.close()
+        if step == start and info.is_main:
+            print(f"nothing to do: already at step {step} of {args.iters}", file=sys.stderr)
+        cleanup()
+        return {"step": step, "checkpoint": last_ckpt, "loss": last_loss, "eval": last_eval,
+                "rank": info.rank, "world_size": info.world_size, "model": model}
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
