@@ -137,8 +137,12 @@ LAST_FAILED: List[str] = []
 
 def run(quick: bool = False, stream=sys.stdout) -> int:
     cuda = torch.cuda.is_available()
-    if not HAS_TRITON or not (cuda or interpreting()):
-        print("lrformer_kernels.selftest needs a CUDA GPU (with triton), or TRITON_INTERPRET=1 to run the kernels "
+    if not HAS_TRITON:
+        print("lrformer_kernels.selftest needs triton, which is not installed: pip install 'triton>=3.6' "
+              "(CUDA builds of torch bring it; on a CPU-only machine set TRITON_INTERPRET=1 as well)", file=stream)
+        return 2
+    if not (cuda or interpreting()):
+        print("lrformer_kernels.selftest needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels "
               "in Triton's interpreter on the CPU", file=stream)
         return 2
     dev = torch.device("cuda" if cuda else "cpu")

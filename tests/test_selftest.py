@@ -35,3 +35,14 @@ def test_selftest_without_gpu_or_interpreter(monkeypatch):
     out = io.StringIO()
     assert st.run(stream=out) == 2
     assert out.getvalue().count("\n") == 1 and "needs a CUDA GPU" in out.getvalue()
+
+
+def test_selftest_without_triton_asks_for_triton(monkeypatch):
+    """Triton missing (a CPU torch wheel) with TRITON_INTERPRET=1 set: the one line says to install triton
+    (before: it asked for the TRITON_INTERPRET=1 that was already set)."""
+    monkeypatch.setattr(st, "HAS_TRITON", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = io.StringIO()
+    assert st.run(stream=out) == 2
+    assert out.getvalue().count("\n") == 1 and "pip install 'triton" in out.getvalue()
+    assert "needs a CUDA GPU, or TRITON_INTERPRET=1" not in out.getvalue()
