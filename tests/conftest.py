@@ -10,6 +10,21 @@ if not torch.cuda.is_available():
 
 import lrformer_kernels._common as common  # noqa: E402
 
+#: The shared folder beside the checkout (../shared: the released parameter names and the golden cases);
+#: LRFORMER_SHARED points elsewhere.  Tests that need it skip with this reason when it is missing, and the
+#: run's summary says how many did.
+SHARED = os.environ.get("LRFORMER_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+SHARED_MISSING = (f"needs the shared folder with the golden cases and released parameter names, not found at "
+                  f"{os.path.abspath(SHARED)} (put it beside the checkout or set LRFORMER_SHARED)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_MISSING in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"NOTE: {len(skipped)} golden/released-code test(s) skipped: {SHARED_MISSING}",
+                                    yellow=True)
+
+
 #: Relative-error tolerances (||out - ref|| / ||ref||) against a float64 reference, per dtype.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 

@@ -20,11 +20,10 @@ import lrformer
 import lrformer_kernels as K
 from lrformer.decoders.faseg import FASegHead
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+from conftest import SHARED, SHARED_MISSING
+
 GOLDEN = os.path.join(SHARED, "golden")
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(GOLDEN),
-    reason=f"golden cases not found: this test needs the shared folder beside the checkout ({os.path.abspath(GOLDEN)})")
+pytestmark = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason=SHARED_MISSING)
 
 DTYPES = [torch.float32, torch.float64]
 

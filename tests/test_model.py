@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import lrformer
 import lrformer_kernels as LF
 
-SHARED = os.environ.get("LRFORMER_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+from conftest import SHARED, SHARED_MISSING
 KEYS_FILE = os.path.join(SHARED, "official_state_dict_keys.json")
 GOLDEN_DIR = os.path.join(SHARED, "golden")
-needs_shared = pytest.mark.skipif(not os.path.exists(KEYS_FILE), reason="../shared not present")
+needs_shared = pytest.mark.skipif(not os.path.exists(KEYS_FILE), reason=SHARED_MISSING)
 
 
 def official(name):
@@ -416,3 +416,16 @@ def test_checkpoint_mismatch_is_one_line_naming_keys():
     assert msg.startswith("checkpoint does not match the model: 1 mis-shaped (" + keys[10])
     assert "5 missing (" + sorted(keys[:5])[0] in msg and "... 2 more" in msg and "1 unexpected (backbone.extra.weight)" in msg
     assert e.value.missing == sorted(keys[:5]) and e.value.unexpected == ["backbone.extra.weight"]
+
+
+def test_golden_tests_say_why_they_skip_without_shared(tmp_path):
+    """In a clone without ../shared the golden tests skip with a reason naming the missing folder, and the
+    run's summary says how many skipped and why (they used to skip with only '../shared not present')."""
+    import subprocess
+    env = dict(os.environ, LRFORMER_SHARED=str(tmp_path / "no-shared"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                        os.path.join(os.path.dirname(__file__), "test_golden_query.py")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "golden/released-code test(s) skipped" in r.stdout and str(tmp_path / "no-shared") in r.stdout
+    assert " passed" not in r.stdout

@@ -11,7 +11,7 @@ import lrformer
 import lrformer_kernels as K
 from lrformer.decoders.faseg import FASegHead
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+from conftest import SHARED, SHARED_MISSING
 TINY_ENC = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1))
 TINY_DEC = dict(hidden_dim=32, num_queries=6, enc_layers=1, train_num_points=256)
 
@@ -20,7 +20,7 @@ def tiny(family="plus", num_classes=4, **kw):
     return lrformer.create_model(f"lrformer_t_{family}", num_classes=num_classes, **{**TINY_ENC, **TINY_DEC, **kw})
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared not present")
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason=SHARED_MISSING)
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l", "xl"])
 def test_plus_variants_have_the_released_state_dict(variant):
     """Every LRFormer+ variant: exactly the released keys and shapes (what a strict load checks), the
