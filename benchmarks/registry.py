@@ -112,18 +112,19 @@ def _lowres_attention(s, h, w):
 
 
 def _lowres_attention_bytes(B, h, w, s, esize, mode):
-    """fwd: read q (B Nq C), k, v (B M C each) + write o (B Nq C); bwd: read dO, q, o (B Nq C each),
+    """fwd: read q (B Nq C), k, v (B M C each) + write o (B Nq C); bwd: read dO, q (B Nq C each),
     k, v (B M C each), the forward's row max and row sum (B heads Nq fp32 each) + write dq (B Nq C), dk,
     dv (B M C each)."""
     C, heads = S_DIMS[s - 1], S_HEADS[s - 1]
     _, nq, m = _grid_counts(h, w)
     fwd = (2 * B * nq * C + 2 * B * m * C) * esize
-    bwd = (3 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + 2 * B * heads * nq * 4
+    bwd = (2 * B * nq * C + 2 * B * m * C + B * nq * C + 2 * B * m * C) * esize + 2 * B * heads * nq * 4
     return fwd if mode == "fwd" else fwd + bwd
 
 
 def _lowres_attention_flops(B, h, w, s, mode):
-    """2 products forward (q.k, p.v), 4 backward (dO.v, ds.k, ds.q, p.dO; the recomputed q.k not counted)."""
+    """2 products forward (q.k, p.v), 4 backward (dO.v, ds.k, ds.q, p.dO; the recomputed q.k and the dQ
+    kernel's delta pass not counted: this is the useful work)."""
     _, nq, m = _grid_counts(h, w)
     one = 2 * B * nq * m * S_DIMS[s - 1]
     return one * (2 if mode == "fwd" else 6)

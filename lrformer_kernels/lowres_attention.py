@@ -12,18 +12,22 @@ Design (flash-attention style, one launch for all batches and heads):
   (fp32; fp64 for fp64 inputs): the log-sum-exp ``lse`` (natural log; an output of the op, with
   a gradient), and, kept apart for the backward, the row maximum ``row_max`` of the scaled logits
   and the row sum ``row_sum = sum_j exp(s_j - row_max)``.
-* backward by recomputation (no attention matrix is stored): ``p = exp(s - row_max) / row_sum``,
-  ``delta = rowsum(dO * O) - dlse`` (small preprocess kernel), then one kernel for dK/dV
-  (program per key block per (b, head), looping over the query blocks) and one for dQ (program
-  per query block, looping over the key blocks).  Deterministic: no atomics.
+* backward by recomputation (no attention matrix is stored): ``p = exp(s - row_max) / row_sum``;
+  one kernel for dQ (program per query block, looping twice over the key blocks: first
+  ``delta = sum_j p dP - dlse`` from the same recomputed p and dP as everything after it, which
+  makes saturated rows exact, unlike ``rowsum(dO * O)``; the output is not needed), then one for
+  dK/dV (program per key block per (b, head), looping over the query blocks, reading delta).
+  Deterministic: no atomics.
 * why the maximum and the sum are kept apart: recomputing ``p = exp(s - lse)`` from a float32
   ``lse`` loses ``log(row_sum)`` once the logits are large (``lse`` of 13 equal logits at 1e8 rounds
   to 1e8, so every p becomes 1 instead of 1/13), while ``s - row_max`` is exact where it matters
   and ``row_sum`` is in [1, M].  The logits are computed in natural units (``dot * scale``) in the
   forward and the backward alike (no rounded ``scale * log2 e`` folded in) and converted to base 2
-  only after subtracting the maximum, so the backward's ``s - row_max`` carries only the rounding
-  of recomputing ``s`` (none for tied logits; an ulp of ``s`` where the dK/dV kernel's transposed
-  product sums in another order), as native fp32 attention's own logits do.  This makes the fp32
+  only after subtracting the maximum, and both backward kernels recompute ``s`` exactly as the
+  forward does (``dot(q, k^T) * scale``, queries as rows: the dK/dV kernel transposes ``p`` and
+  ``dS`` rather than the product), so the backward's ``s - row_max`` is the forward's bit for bit
+  and is exactly 0 at a row's maximum (saturated one-hot rows at logits ~1e4, where an ulp of ``s``
+  is 1e-3, keep p = 1 exactly; tests ``test_random_logits_fp32``).  This makes the fp32
   backward as accurate as native fp32 attention at any logit scale (tests/test_lowres_attention.py,
   ``test_huge_logits*``).
 * inputs may be arbitrary strided views (e.g. ``k = kv[..., :C]``, ``v = kv[..., C:]``); only the
@@ -43,7 +47,7 @@ from typing import Optional
 
 import torch
 
-from ._common import (launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+from ._common import (cdiv, next_pow2, launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
                       big_interpreter_tiles, needs_int64, new_empty, num_sms, split_f32, use_kernel, row_statistics)
 
 if HAS_TRITON:
@@ -123,35 +127,6 @@ if HAS_TRITON:
         tl.store(ROW_SUM + row, l_i.to(ROW_SUM.dtype.element_ty), mask=mask_m)
 
     @triton.jit
-    def _lra_bwd_preprocess_kernel(
-        O, DO, DLSE, DELTA,
-        s_ob, s_on, s_oc,
-        s_db, s_dn, s_dc,
-        H, NQ,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC: tl.constexpr, HAS_DLSE: tl.constexpr, INT64: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if INT64:
-            b = b.to(tl.int64)
-            offs_m = offs_m.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < NQ
-        mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]
-        col = h * HEAD_DIM + offs_d
-        o = tl.load(O + b * s_ob + offs_m[:, None] * s_on + col[None, :] * s_oc, mask=mask, other=0.0)
-        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dn + col[None, :] * s_dc, mask=mask, other=0.0)
-        delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-        row = pid_bh.to(tl.int64) * NQ + offs_m
-        if HAS_DLSE:
-            delta -= tl.load(DLSE + row, mask=mask_m, other=0.0).to(ACC)
-        tl.store(DELTA + row, delta, mask=mask_m)
-
-    @triton.jit
     def _lra_bwd_dkdv_kernel(
         Q, K, V, DO, ROW_MAX, ROW_SUM, DELTA, DK, DV,
         s_qb, s_qn, s_qc,
@@ -183,9 +158,13 @@ if HAS_TRITON:
         col = h * HEAD_DIM + offs_d
         mask_nd = mask_n[:, None] & mask_d[None, :]
 
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + col[None, :] * s_kc, mask=mask_nd, other=0.0)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + col[None, :] * s_vc, mask=mask_nd, other=0.0)
-        qt_base = Q + b * s_qb + col[:, None] * s_qc       # (BLOCK_D, BLOCK_M) tiles: q^T
+        # k^T, v^T tiles (BLOCK_D, BLOCK_N): the logits are recomputed as the forward computes them,
+        # dot(q, k^T) with queries as rows (bit-identical s, so s - row_max is exactly 0 at a row's
+        # maximum: saturated and tied rows stay exact); p and dS are transposed for dV and dK
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kt = tl.load(K + b * s_kb + col[:, None] * s_kc + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
+        vt = tl.load(V + b * s_vb + col[:, None] * s_vc + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
+        q_base = Q + b * s_qb + col[None, :] * s_qc         # (BLOCK_M, BLOCK_D) tiles: q
         do_base = DO + b * s_db + col[None, :] * s_dc       # (BLOCK_M, BLOCK_D) tiles: dO
         row_base = pid_bh.to(tl.int64) * NQ
 
@@ -194,22 +173,22 @@ if HAS_TRITON:
         for start_m in range(0, NQ, BLOCK_M):
             offs_m = start_m + offs_mb
             mask_m = offs_m < NQ
-            mask_dm = mask_d[:, None] & mask_m[None, :]
-            qt = tl.load(qt_base + offs_m[None, :] * s_qn, mask=mask_dm, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_dn, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + offs_m[:, None] * s_qn, mask=mask_md, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dn, mask=mask_md, other=0.0)
             m_row = tl.load(ROW_MAX + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
             inv_l = 1.0 / tl.load(ROW_SUM + row_base + offs_m, mask=mask_m, other=1.0).to(ACC)
             delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0).to(ACC)
-            qkt = tl.dot(k, qt, input_precision=DOT_PREC).to(ACC) * scale   # (BLOCK_N, BLOCK_M)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale     # (BLOCK_M, BLOCK_N)
             if USE_EXP2:
-                pt = tl.exp2((qkt - m_row[None, :]) * 1.4426950408889634) * inv_l[None, :]
+                p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
             else:
-                pt = tl.exp(qkt - m_row[None, :]) * inv_l[None, :]
-            pt = tl.where(mask_m[None, :], pt, 0.0)
-            dv += tl.dot(pt.to(v.dtype), do, input_precision=DOT_PREC).to(ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC).to(ACC)              # (BLOCK_N, BLOCK_M)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(k.dtype), tl.trans(qt), input_precision=DOT_PREC).to(ACC)
+                p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
+            p = tl.where(mask_m[:, None], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(vt.dtype)), do, input_precision=DOT_PREC).to(ACC)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)                # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC).to(ACC)
 
         dk = dk * scale
         tl.store(DK + b * s_dkb + offs_n[:, None] * s_dkn + col[None, :] * s_dkc,
@@ -219,7 +198,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lra_bwd_dq_kernel(
-        Q, K, V, DO, ROW_MAX, ROW_SUM, DELTA, DQ,
+        Q, K, V, DO, ROW_MAX, ROW_SUM, DLSE, DELTA, DQ,
         s_qb, s_qn, s_qc,
         s_kb, s_kn, s_kc,
         s_vb, s_vn, s_vc,
@@ -228,9 +207,10 @@ if HAS_TRITON:
         H, NQ, M, scale_hi, scale_lo,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
-        DOT_PREC: tl.constexpr, INT64: tl.constexpr,
+        DOT_PREC: tl.constexpr, INT64: tl.constexpr, HAS_DLSE: tl.constexpr,
     ):
-        # One program: a block of BLOCK_M queries of one (b, head); loops over all keys.
+        # One program: a block of BLOCK_M queries of one (b, head); loops twice over all keys: first
+        # delta = sum_j p dP - dlse (written for the dK/dV kernel, launched after this one), then dQ.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -253,9 +233,30 @@ if HAS_TRITON:
         row = pid_bh.to(tl.int64) * NQ + offs_m
         m_row = tl.load(ROW_MAX + row, mask=mask_m, other=0.0).to(ACC)
         inv_l = 1.0 / tl.load(ROW_SUM + row, mask=mask_m, other=1.0).to(ACC)
-        delta = tl.load(DELTA + row, mask=mask_m, other=0.0).to(ACC)
         kt_base = K + b * s_kb + col[:, None] * s_kc   # (BLOCK_D, BLOCK_N) tiles: k^T
         vt_base = V + b * s_vb + col[:, None] * s_vc   # v^T
+
+        # delta from the very p and dP the second pass (and the dK/dV kernel) recompute, not from
+        # rowsum(dO * O): in a saturated row (p one-hot) dP_max - delta is then exactly 0, as in
+        # PyTorch's softmax backward, so dS, dQ and dK are exact there
+        delta = tl.zeros([BLOCK_M], ACC)
+        for start_n in range(0, M, BLOCK_N):
+            offs_n = start_n + offs_nb
+            mask_n = offs_n < M
+            mask_dn = mask_d[:, None] & mask_n[None, :]
+            kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
+            vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale
+            if USE_EXP2:
+                p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
+            else:
+                p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
+            p = tl.where(mask_n[None, :], p, 0.0)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
+            delta += tl.sum(p * dp, 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=mask_m, other=0.0).to(ACC)
+        tl.store(DELTA + row, delta, mask=mask_m)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         for start_n in range(0, M, BLOCK_N):
@@ -283,7 +284,7 @@ if HAS_TRITON:
 # Config
 # ---------------------------------------------------------------------------------------------
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def _kernel_consts(dtype: torch.dtype, head_dim: int, int64: bool) -> dict:
@@ -316,7 +317,7 @@ def _forward_config(dtype: torch.dtype, block_d: int, nq: int = 0, bh: int = 0, 
         return (16, 16, 4, 1) if block_d <= 64 else (16, 16, 8, 1)
     if block_d > 128:
         return 64, 32, 8, 2
-    few = device is not None and triton.cdiv(nq, 128) * bh < 2 * num_sms(device)
+    few = device is not None and cdiv(nq, 128) * bh < 2 * num_sms(device)
     if few:
         return 64, 64, 4, 3
     if block_d > 64:       # head dim 80 (LRFormer-L): 128x64 spills 96 B on sm_80 under Triton 3.6
@@ -350,7 +351,7 @@ def _forward_triton(q, k, v, num_heads: int, scale: float):
     lse, row_max, row_sum = (new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device) for _ in range(3))
     consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out))
     bm, bn, warps, stages = _forward_config(q.dtype, consts["BLOCK_D"], NQ, B * num_heads, q.device)
-    grid = (triton.cdiv(NQ, bm), B * num_heads)
+    grid = (cdiv(NQ, bm), B * num_heads)
     with device_guard(q):
         _lra_fwd_kernel[grid](
             q, k, v, out, lse, row_max, row_sum,
@@ -361,7 +362,7 @@ def _forward_triton(q, k, v, num_heads: int, scale: float):
     return out, lse, row_max, row_sum
 
 
-def _backward_triton(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads: int, scale: float):
+def _backward_triton(grad_out, q, k, v, row_max, row_sum, grad_lse, num_heads: int, scale: float):
     B, NQ, C = q.shape
     M = k.shape[1]
     D = C // num_heads
@@ -369,32 +370,25 @@ def _backward_triton(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_hea
     dq = new_empty(q.shape, q.dtype, q.device)
     dk = new_empty(k.shape, k.dtype, k.device)
     dv = new_empty(v.shape, v.dtype, v.device)
-    delta = torch.empty((B, num_heads, NQ), dtype=acc_t, device=q.device)
+    delta = new_empty((B, num_heads, NQ), acc_t, q.device)
     row_max, row_sum = row_max.contiguous(), row_sum.contiguous()
     has_dlse = grad_lse is not None
     if has_dlse:
         grad_lse = grad_lse.contiguous()
-    consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, out, grad_out, dq, dk, dv))
-    block_d = consts["BLOCK_D"]
-    bm, bn, warps, stages = _backward_config(q.dtype, block_d)
-    pre_bm = 32 if big_interpreter_tiles() else max(16, min(128, 8192 // block_d))
+    consts = _kernel_consts(q.dtype, D, needs_int64(q, k, v, grad_out, dq, dk, dv))
+    bm, bn, warps, stages = _backward_config(q.dtype, consts["BLOCK_D"])
     with device_guard(q):
-        _lra_bwd_preprocess_kernel[(triton.cdiv(NQ, pre_bm), B * num_heads)](
-            out, grad_out, grad_lse if has_dlse else delta, delta,
-            *out.stride(), *grad_out.stride(),
-            num_heads, NQ,
-            HEAD_DIM=D, BLOCK_M=pre_bm, BLOCK_D=block_d, ACC=consts["ACC"],
-            HAS_DLSE=has_dlse, INT64=consts["INT64"], num_warps=1 if big_interpreter_tiles() else 4, **launch_options(),
+        # dQ first: it computes delta (per row), which the dK/dV kernel reads
+        _lra_bwd_dq_kernel[(cdiv(NQ, bm), B * num_heads)](
+            q, k, v, grad_out, row_max, row_sum, grad_lse if has_dlse else delta, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            num_heads, NQ, M, *split_f32(scale),
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, HAS_DLSE=has_dlse,
+            **consts,
         )
-        _lra_bwd_dkdv_kernel[(triton.cdiv(M, bn), B * num_heads)](
+        _lra_bwd_dkdv_kernel[(cdiv(M, bn), B * num_heads)](
             q, k, v, grad_out, row_max, row_sum, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            num_heads, NQ, M, *split_f32(scale),
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, **consts,
-        )
-        _lra_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * num_heads)](
-            q, k, v, grad_out, row_max, row_sum, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             num_heads, NQ, M, *split_f32(scale),
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **launch_options(), num_stages=stages, **consts,
         )
@@ -418,9 +412,26 @@ def lowres_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     qh = q.reshape(B, Nq, num_heads, d).transpose(1, 2)
     kh = k.reshape(B, M, num_heads, d).transpose(1, 2)
     vh = v.reshape(B, M, num_heads, d).transpose(1, 2)
-    attn = (qh @ kh.transpose(-2, -1)) * scale
-    attn = attn.softmax(dim=-1)
-    return (attn @ vh).transpose(1, 2).reshape(B, Nq, C)
+    rows = max(1, REFERENCE_MAX_SCORES // max(1, B * num_heads * M))
+    if rows >= Nq:
+        return _attend(qh, kh, vh, scale).transpose(1, 2).reshape(B, Nq, C)
+    # a score matrix past REFERENCE_MAX_SCORES (an extreme aspect ratio: ~20k x 19k tokens in the LRHead
+    # of a 2000x100 image): blocks of query rows, each its own softmax (the same math row by row), and
+    # under autograd each block recomputed in the backward instead of keeping its probabilities
+    from torch.utils.checkpoint import checkpoint
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = [checkpoint(_attend, qh[:, :, i:i + rows], kh, vh, scale, use_reentrant=False) if grad
+            else _attend(qh[:, :, i:i + rows], kh, vh, scale) for i in range(0, Nq, rows)]
+    return torch.cat(outs, 2).transpose(1, 2).reshape(B, Nq, C)
+
+
+#: The reference attention materialises at most this many scores (B * heads * rows * M) at once:
+#: 2**26 (256 MiB in float32); beyond it, query rows are processed in blocks
+REFERENCE_MAX_SCORES = 1 << 26
+
+
+def _attend(qh, kh, vh, scale):
+    return ((qh @ kh.transpose(-2, -1)) * scale).softmax(dim=-1) @ vh
 
 
 def _split_heads(t, num_heads):
@@ -441,17 +452,18 @@ def _forward_reference(q, k, v, num_heads: int, scale: float):
     return out.contiguous(), lse, row_max, row_sum
 
 
-def _backward_reference(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads: int, scale: float):
+def _backward_reference(grad_out, q, k, v, row_max, row_sum, grad_lse, num_heads: int, scale: float):
     acc = acc_dtype(q.dtype)
     qh, kh, vh = (_split_heads(t, num_heads).to(acc) for t in (q, k, v))
-    doh, oh = _split_heads(grad_out, num_heads).to(acc), _split_heads(out, num_heads).to(acc)
+    doh = _split_heads(grad_out, num_heads).to(acc)
     s = (qh @ kh.transpose(-2, -1)) * scale
     p = torch.exp(s - row_max.to(acc).unsqueeze(-1)) / row_sum.to(acc).unsqueeze(-1)
-    delta = (doh * oh).sum(-1, keepdim=True)
+    dp = doh @ vh.transpose(-2, -1)
+    delta = (p * dp).sum(-1, keepdim=True)          # as the kernels: exact in saturated rows
     if grad_lse is not None:
         delta = delta - grad_lse.to(acc).unsqueeze(-1)
     dv = p.transpose(-2, -1) @ doh
-    ds = p * (doh @ vh.transpose(-2, -1) - delta)
+    ds = p * (dp - delta)
     dq = (ds @ kh) * scale
     dk = (ds.transpose(-2, -1) @ qh) * scale
     return (_merge_heads(dq).to(q.dtype).contiguous(), _merge_heads(dk).to(k.dtype).contiguous(),
@@ -479,23 +491,23 @@ def _(q, k, v, num_heads, scale):
 
 @torch.library.custom_op("lrformer::lowres_attention_backward", mutates_args=())
 def _lowres_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                  v: torch.Tensor, out: torch.Tensor, row_max: torch.Tensor,
+                                  v: torch.Tensor, row_max: torch.Tensor,
                                   row_sum: torch.Tensor, grad_lse: Optional[torch.Tensor], num_heads: int,
                                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
-        return _backward_triton(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale)
-    return _backward_reference(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale)
+        return _backward_triton(grad_out, q, k, v, row_max, row_sum, grad_lse, num_heads, scale)
+    return _backward_reference(grad_out, q, k, v, row_max, row_sum, grad_lse, num_heads, scale)
 
 
 @_lowres_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, row_max, row_sum, grad_lse, num_heads, scale):
+def _(grad_out, q, k, v, row_max, row_sum, grad_lse, num_heads, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, num_heads, scale = inputs
-    out, _, row_max, row_sum = output
-    ctx.save_for_backward(q, k, v, out, row_max, row_sum)
+    _, _, row_max, row_sum = output
+    ctx.save_for_backward(q, k, v, row_max, row_sum)      # not the output: delta comes from p and dP
     ctx.mark_non_differentiable(row_max, row_sum)
     ctx.set_materialize_grads(False)   # an unused lse gets no zero-filled gradient (nothing to read)
     ctx.num_heads = num_heads
@@ -503,10 +515,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_row_max, _grad_row_sum):
-    q, k, v, out, row_max, row_sum = ctx.saved_tensors
+    q, k, v, row_max, row_sum = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = _lowres_attention_backward_op(grad_out, q, k, v, out, row_max, row_sum, grad_lse,
+        grad_out = torch.zeros_like(q)
+    dq, dk, dv = _lowres_attention_backward_op(grad_out, q, k, v, row_max, row_sum, grad_lse,
                                                ctx.num_heads, ctx.scale)
     return dq, dk, dv, None, None
 

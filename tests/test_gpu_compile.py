@@ -56,7 +56,7 @@ def _lrsa_stage(B, h, w, C, heads, q_size, kv_sizes, hidden, dt, scale_on, poole
     k, v = kv[..., :C], kv[..., C:]
     out, lse, row_max, row_sum = la._forward_triton(q, k, v, heads, (C // heads) ** -0.5)
     for dlse in (None, lse):
-        la._backward_triton(out, q, k, v, out, row_max, row_sum, dlse, heads, (C // heads) ** -0.5)
+        la._backward_triton(out, q, k, v, row_max, row_sum, dlse, heads, (C // heads) ** -0.5)
     low = meta(B, pairs[0][0], pairs[0][1], C, dtype=dt)
     scale = meta(C, dtype=torch.float32) if scale_on else None
     for keep in (None, meta(B, dtype=torch.float32)):
@@ -116,7 +116,7 @@ def test_every_dispatched_kernel_compiles_without_spills(monkeypatch):
     variants, images = (("t", "s", "l"), (512, 1024)) if FULL else (("t", "s"), (512,))
     specs = _specs(monkeypatch, variants, images, (torch.float32, torch.bfloat16, torch.float16))
     kernels = {s["kernel"] for s in specs}
-    assert len(kernels) == 15, sorted(kernels)      # every kernel of the six ops is launched
+    assert len(kernels) == 14, sorted(kernels)      # every kernel of the six ops is launched
     reports = compile_reports([dict(s, cc=cc) for s in specs for cc in (90, 80)])
     bad = [(r["kernel"], r["cc"], r["signature"].get("X") or next(iter(r["signature"].values())), r["constexprs"],
             r["num_warps"], r["registers"], r["stack"], r["local"]) for r in reports

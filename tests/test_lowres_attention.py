@@ -7,6 +7,7 @@ import torch
 
 from conftest import TOL, assert_as_accurate_as_native, devices, dtypes_for, integer_logit_qk, rel_err
 import lrformer_kernels as ref_F
+import lrformer_kernels._common as common
 from lrformer_kernels.lowres_attention import lowres_attention
 
 CASES = [
@@ -203,7 +204,7 @@ def test_opcheck():
     g = torch.randn_like(out)
     for glse in (None, torch.randn_like(lse)):
         torch.library.opcheck(torch.ops.lrformer.lowres_attention_backward.default,
-                              (g, q.detach(), k.detach(), v.detach(), out, row_max, row_sum, glse, 2, 0.25),
+                              (g, q.detach(), k.detach(), v.detach(), row_max, row_sum, glse, 2, 0.25),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -310,3 +311,53 @@ def test_huge_logits_fp32(shift, path, monkeypatch):
     g1 = torch.rand(1, 4, 8, device=device)
     dv = run(lowres_attention, q1, k1, torch.randn(1, 13, 8, device=device), heads=1, g=g1)[3]
     assert torch.allclose(dv, g1.sum(1, keepdim=True).expand(1, 13, 8) / 13, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("logit", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["interp_tiles", "gpu_tiles"])
+def test_random_logits_fp32(logit, gpu_tiles, monkeypatch):
+    """fp32 at random logits of size ~1e2..1e6 (rows saturate to one-hot from ~1e3 on): every output and
+    gradient as close to float64 as PyTorch's own fp32 attention.  At 1e4 an ulp of a logit is 1e-3, so
+    a backward that recomputes s in another order than the forward (the old dK/dV kernel's transposed
+    product) turns p = 1 into exp(-1e-3) and dV's error into ~5e-4 against native fp32's ~3e-9."""
+    if gpu_tiles:
+        monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, Nq, M, heads, d = 2, 37, 45, 2, 16
+    q = torch.randn(B, Nq, heads * d, device=device)
+    k = torch.randn(B, M, heads * d, device=device)
+    v = torch.randn(B, M, heads * d, device=device)
+    g = torch.randn(B, Nq, heads * d, device=device)
+    scale = logit / math.sqrt(d)
+
+    def run(fn, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs, heads, scale)
+        return (out, *torch.autograd.grad(out, xs, g.to(out.dtype)))
+
+    ours = run(lowres_attention, q, k, v)
+    native = run(ref_F.lowres_attention_reference, q, k, v)
+    exact = run(ref_F.lowres_attention_reference, q.double(), k.double(), v.double())
+    assert_as_accurate_as_native(ours, native, exact, ("out", "dq", "dk", "dv"))
+
+
+def test_reference_in_query_blocks_past_the_score_budget(monkeypatch):
+    """The reference attention never holds more than REFERENCE_MAX_SCORES scores: past it (a 1x3x2000x100
+    image's LRHead has ~20k x 19k tokens, which was killed by the OS at 21 GB; now 1.2 GB peak) query rows
+    go in blocks, recomputed in the backward.  Same forward and gradients as the one-matrix math (float64),
+    with and without autograd."""
+    la = importlib.import_module("lrformer_kernels.lowres_attention")
+    q, k, v = (torch.randn(2, n, 12, dtype=torch.float64, requires_grad=True) for n in (23, 17, 17))
+    g = torch.randn(2, 23, 12, dtype=torch.float64)
+    full = ref_F.lowres_attention_reference(q, k, v, 3)
+    want = torch.autograd.grad(full, (q, k, v), g)
+    monkeypatch.setattr(la, "REFERENCE_MAX_SCORES", 2 * 3 * 17 * 5)     # blocks of 5 query rows
+    seen = []
+    monkeypatch.setattr(la, "_attend", lambda qh, *a, f=la._attend: (seen.append(qh.shape[2]), f(qh, *a))[1])
+    out = ref_F.lowres_attention_reference(q, k, v, 3)
+    assert seen and max(seen) == 5
+    torch.testing.assert_close(out, full, rtol=1e-13, atol=1e-13)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        torch.testing.assert_close(ref_F.lowres_attention_reference(q, k, v, 3), full, rtol=1e-13, atol=1e-13)

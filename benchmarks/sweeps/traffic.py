@@ -76,14 +76,14 @@ def _no_extra(args, out) -> int:
 
 
 def _lowres_attention_backward_extra(args, out) -> int:
-    """Three launches: the preprocess (reads dO, o; writes delta = rowsum(dO*o), fp32 B*heads*Nq), the
-    dK/dV kernel and the dQ kernel (each reads q, k, v, dO, the row max and row sum, and delta).  Beyond
-    the arguments read once: dO twice more, q, k, v, row max and row sum once more, delta written once and
-    read twice."""
-    grad_out, q, k, v, _out, row_max, row_sum = args[:7]
+    """Two launches: the dQ kernel (reads q, dO, the row max and row sum once, k and v twice: one pass
+    over the keys for delta = sum p dP, fp32 B*heads*Nq, written; one for dQ), then the dK/dV kernel
+    (reads k, v, q, dO, the row max and row sum, and delta).  Beyond the arguments read once: k, v twice
+    more, q, dO, row max and row sum once more, delta written once and read once."""
+    grad_out, q, k, v, row_max, row_sum = args[:6]
     delta = tensor_bytes(row_max)
-    return (2 * tensor_bytes(grad_out) + tensor_bytes(q) + tensor_bytes(k) + tensor_bytes(v)
-            + tensor_bytes(row_max) + tensor_bytes(row_sum) + 3 * delta)
+    return (tensor_bytes(grad_out) + tensor_bytes(q) + 2 * tensor_bytes(k) + 2 * tensor_bytes(v)
+            + tensor_bytes(row_max) + tensor_bytes(row_sum) + 2 * delta)
 
 
 def _dwconv_forward_extra(args, out) -> int:
