@@ -49,6 +49,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints (plain Python: the tile configs run without Triton too)."""
+    return -(-int(a) // int(b))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+from ._common import (cdiv, launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
                       new_empty, next_pow2, num_sms, tl_acc, use_kernel)
 
 if HAS_TRITON:
@@ -247,11 +247,11 @@ def _backward_config(x: torch.Tensor):
     """(BLOCK_P, BLOCK_C, iters, programs, num_warps) of the fused backward: a few programs per SM in
     all, each walking ``iters`` pixel chunks, so the partial-sum buffer stays small."""
     block_p, block_c = _blocks(x, "bwd")
-    n_cblk = triton.cdiv(x.shape[-1], block_c)
-    n_chunks = triton.cdiv(x.shape[0] * x.shape[1] * x.shape[2], block_p)
+    n_cblk = cdiv(x.shape[-1], block_c)
+    n_chunks = cdiv(x.shape[0] * x.shape[1] * x.shape[2], block_p)
     target = max(1, (PROGRAMS_PER_SM * num_sms(x.device)) // n_cblk)
-    iters = triton.cdiv(n_chunks, target)
-    return block_p, block_c, iters, triton.cdiv(n_chunks, iters), 4
+    iters = cdiv(n_chunks, target)
+    return block_p, block_c, iters, cdiv(n_chunks, iters), 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _forward_triton(x, weight, bias, gelu, residual):
     w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
     b = bias.contiguous() if bias is not None else w9  # dummy pointer when no bias
     block_p, block_c, warps = _forward_config(x, gelu)
-    grid = (triton.cdiv(N, block_p), triton.cdiv(C, block_c))
+    grid = (cdiv(N, block_p), cdiv(C, block_c))
     with device_guard(x):
         _dwconv_fwd_kernel[grid](
             x, w9, b, y, N, H, W, C, *x.stride(),
@@ -281,7 +281,7 @@ def _backward_triton(dy, x, weight, bias, gelu, residual):
     block_p, block_c, iters, n_prog, warps = _backward_config(x)
     part = new_empty((n_prog, 10, C), acc_dtype(x.dtype), x.device)
     with device_guard(x):
-        _dwconv_bwd_kernel[(n_prog, triton.cdiv(C, block_c))](
+        _dwconv_bwd_kernel[(n_prog, cdiv(C, block_c))](
             dy, x, w9, dx, part, N, H, W, C, iters, *dy.stride(), *x.stride(),
             GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, dy, dx), ACC=tl_acc(x.dtype),
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **launch_options())

@@ -63,7 +63,7 @@ from typing import Optional
 
 import torch
 
-from ._common import (launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
+from ._common import (cdiv, next_pow2, launch_options, HAS_TRITON, acc_dtype, attention_scale, check_int, check_tensor, device_guard,
                       big_interpreter_tiles, needs_int64, new_empty, split_f32, use_kernel, row_statistics)
 
 if HAS_TRITON:
@@ -322,9 +322,9 @@ def _tiles(dtype: torch.dtype, num_heads: int, head_dim: int, window: int, backw
     channels per program (2 heads of 32) for parallelism at small batch, and tiles of at most
     ~2048 elements (1024 in the backward, which holds more live tiles) per step.
     """
-    block_d = triton.next_power_of_2(head_dim)
-    block_w = triton.next_power_of_2(window)
-    heads_p2 = triton.next_power_of_2(num_heads)
+    block_d = next_pow2(head_dim)
+    block_w = next_pow2(window)
+    heads_p2 = next_pow2(num_heads)
     if big_interpreter_tiles():
         return heads_p2, block_d, block_w, block_w, 1
     block_hb = max(1, min(heads_p2, 64 // block_d))
@@ -361,7 +361,7 @@ def _forward_triton(q, k, v, win_idx, window: int, num_heads: int, scale: float)
     lse, row_max, row_sum = (new_empty((B, num_heads, NQ), acc_dtype(q.dtype), q.device) for _ in range(3))
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out))
     bhb, bd, br, bw, warps = _forward_config(q.dtype, num_heads, D, window)
-    nhb = triton.cdiv(num_heads, bhb)
+    nhb = cdiv(num_heads, bhb)
     with device_guard(q):
         _hrca_fwd_kernel[(NQ, B * nhb)](
             q, k, v, win_idx, out, lse, row_max, row_sum,
@@ -408,7 +408,7 @@ def _backward_triton(grad_out, q, k, v, win_idx, out, row_max, row_sum, grad_lse
         grad_lse = grad_lse.contiguous()
     consts = _consts(q.dtype, D, window, needs_int64(q, k, v, win_idx, out, grad_out, dq, dk, dv))
     bhb, bd, br, bw, warps = _backward_config(q.dtype, num_heads, D, window)
-    nhb = triton.cdiv(num_heads, bhb)
+    nhb = cdiv(num_heads, bhb)
     with device_guard(q):
         _hrca_bwd_kernel[(NQ, B * nhb)](
             q, k, v, win_idx, out, grad_out, row_max, row_sum, grad_lse if has_dlse else row_max, delta,

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
+from ._common import (cdiv, launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
                       needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
@@ -326,9 +326,9 @@ def _forward_triton(x: Tensor, pairs) -> Tensor:
     for k, (gh, gw) in enumerate(pairs):
         args += [gh, gw] if k == 0 else [gh, gw, cell0, blk0]
         cell0 += gh * gw
-        blk0 += triton.cdiv(gh * gw, block_cells)
+        blk0 += cdiv(gh * gw, block_cells)
     args += [0, 0, 0, 0] * (MAX_GRIDS - len(pairs))
-    n_cb = triton.cdiv(C, block_c)
+    n_cb = cdiv(C, block_c)
     grid = (B * n_cb * blk0,)
     with device_guard(x):
         _pyramid_pool_fwd_kernel[grid](
@@ -344,8 +344,8 @@ def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
     gx = new_empty((B, H, W, C), grad.dtype, grad.device)
     int64 = needs_int64(grad, gx) or _index_int64(pairs, H, W)
     block_p, block_c = _backward_config(C, H, W, int64)
-    n_cb = triton.cdiv(C, block_c)
-    n_pb = triton.cdiv(H * W, block_p)
+    n_cb = cdiv(C, block_c)
+    n_pb = cdiv(H * W, block_p)
     grid = (B * n_pb * n_cb,)
     with device_guard(grad):
         _pyramid_pool_bwd_kernel[grid](
