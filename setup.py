@@ -17,6 +17,10 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest>=7", "triton>=3.6"],
         "bench": ["matplotlib>=3.5"],
+        # ONNX export (lrformer.export_onnx, lrformer-export) and its onnxruntime check
+        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        # weights from the Hugging Face Hub (pretrained="hf://...") and .safetensors files
+        "hub": ["huggingface_hub>=0.23", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": [
         "lrformer-bench=benchmarks.__main__:main",
@@ -24,6 +28,7 @@ setup(
         "lrformer-train=lrformer.engine.train:cli",
         "lrformer-evaluate=lrformer.engine.evaluate:cli",
         "lrformer-predict=lrformer.engine.predict:cli",
+        "lrformer-export=lrformer.engine.export:cli",
     ]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
