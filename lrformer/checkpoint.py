@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from typing import Mapping, Optional, Union
 from urllib.parse import urlparse
@@ -32,7 +33,36 @@ class CheckpointError(ValueError):
 
 
 def is_url(path) -> bool:
-    return isinstance(path, str) and urlparse(path).scheme in ("http", "https", "file", "ftp")
+    return isinstance(path, str) and urlparse(path).scheme in ("http", "https", "file", "ftp", "hf")
+
+
+def _need(module: str, extra: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                          f"pip install 'lrformer-kernels[{extra}]'") from None
+
+
+def parse_hf(url: str):
+    """``hf://<owner>/<repo>[@<revision>]/<path/in/repo>`` -> (repo_id, filename, revision or None)."""
+    parts = url[len("hf://"):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"a Hub checkpoint is hf://<owner>/<repo>[@<revision>]/<file>, got {url!r}")
+    repo, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None
+
+
+def hf_download(url: str) -> str:
+    """The local file of an ``hf://`` checkpoint, through ``huggingface_hub`` (its cache, revision pinning
+    with ``@<revision>``, ``HF_HUB_OFFLINE=1``)."""
+    repo_id, filename, revision = parse_hf(url)
+    hub = _need("huggingface_hub", "hub", f"loading {url}")
+    try:
+        return hub.hf_hub_download(repo_id, filename, revision=revision)
+    except Exception as e:  # noqa: BLE001 - missing repo/file/revision, offline without a cached copy ...
+        raise CheckpointError(f"cannot fetch {url} from the Hugging Face Hub: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
 
 
 def sha256_of(path: str) -> str:
@@ -51,12 +81,15 @@ def _cache_name(url: str) -> str:
 
 
 def fetch_checkpoint(path_or_url: Union[str, os.PathLike], sha256: Optional[str] = None) -> str:
-    """A local path for a checkpoint given as a path or a URL: ``file://`` URLs are read in place;
+    """A local path for a checkpoint given as a path or a URL: ``hf://<owner>/<repo>[@<revision>]/<file>``
+    through ``huggingface_hub`` (extra ``[hub]``; its cache and offline mode); ``file://`` URLs are read in place;
     ``http(s)://`` and ``ftp://`` ones are downloaded once into torch's hub cache
     (``torch.hub.get_dir()/checkpoints/<hash of the URL>-<file name>``).  With ``sha256``, the file's
     SHA-256 must start with it (a full digest or a prefix of at least 8 hex digits)."""
     path = os.fspath(path_or_url)
-    if is_url(path) and urlparse(path).scheme == "file":
+    if is_url(path) and urlparse(path).scheme == "hf":
+        path = hf_download(path)
+    elif is_url(path) and urlparse(path).scheme == "file":
         path = url2pathname(urlparse(path).path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint not found: {path} (from {path_or_url})")
@@ -82,7 +115,14 @@ def fetch_checkpoint(path_or_url: Union[str, os.PathLike], sha256: Optional[str]
 
 
 def read_checkpoint(path: str, map_location="cpu"):
-    """``torch.load`` (weights only) with a one-line error naming the file when it is not a checkpoint."""
+    """``torch.load`` (weights only), or safetensors' loader for a ``.safetensors`` file, with a one-line
+    error naming the file when it is not a checkpoint."""
+    if str(path).endswith(".safetensors"):
+        st = _need("safetensors.torch", "hub", f"reading {path}")
+        try:
+            return st.load_file(path, device=str(map_location) if map_location is not None else "cpu")
+        except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__})") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, not a zip/pickle, foreign objects ...
@@ -159,3 +199,17 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             msg += f"; ignored {len(unexpected)} unexpected"
         print(msg)
     return missing, unexpected
+
+
+def save_weights(model: nn.Module, path: Union[str, os.PathLike]) -> str:
+    """Write ``model``'s state dict (the released parameter names) to ``path``: a ``.safetensors`` file
+    (safetensors, extra ``[hub]``) or, for any other name, a ``.pth`` as ``{"state_dict": ...}``; both load
+    with :func:`load_checkpoint` / ``pretrained=``.  Returns the path."""
+    path = os.fspath(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.endswith(".safetensors"):
+        st = _need("safetensors.torch", "hub", f"writing {path}")
+        st.save_file(state, path)
+    else:
+        torch.save({"state_dict": state}, path)
+    return path

@@ -70,8 +70,10 @@ def create_model(name: str, num_classes: int = 150, fused: bool = False, pretrai
     overrides: encoder settings (``drop_path_rate``, ``embed_dims``, ``depths``, ``num_heads``,
     ``mlp_ratios``, ``q_size``, ``layer_scale_init``, ...) and head settings (``head_channels``,
     ``num_heads_head``, ``head_q_size``, ``head_kv_sizes``, ``head_mlp_ratio``, ``dropout``).
-    ``pretrained``: a checkpoint path, URL (``https://``, ``file://``: downloaded once into torch's hub
-    cache) or state dict, loaded with :func:`lrformer.load_checkpoint`; ``pretrained_sha256`` checks the file.
+    ``pretrained``: a checkpoint path (``.pth`` or ``.safetensors``), URL (``https://``: downloaded once into
+    torch's hub cache; ``file://``; ``hf://<owner>/<repo>[@<revision>]/<file>`` from the Hugging Face Hub,
+    extra ``[hub]``) or state dict, loaded with :func:`lrformer.load_checkpoint`; ``pretrained_sha256``
+    checks the file.
     ``fused=True`` swaps in the fused Triton LRSA/blocks (``lrformer_kernels.fuse``).
     LRFormer+ models take encoder overrides and the decoder/loss overrides of
     :data:`lrformer.decoders.plus.PLUS_KEYS` (``hidden_dim``, ``num_queries``, ``dec_layers``, ``enc_layers``, ...).
