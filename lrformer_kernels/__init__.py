@@ -10,9 +10,14 @@ kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference`
 * :func:`hrca_attention` — cross-attention over per-query windows of a high-resolution map;
 * :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders).
 
+:mod:`lrformer_kernels.compat` offers :func:`ms_deform_attn` under the calling convention of Deformable
+DETR / Mask2Former / mmcv (``MSDeformAttnFunction.apply``, ``multi_scale_deformable_attn``, mmcv's
+``MultiScaleDeformableAttention`` module), a drop-in for their CUDA extension.
+
 Layout: ``_common`` (checks, launch helpers) <- one file per op <- ``backend`` (the reference and
 fused namespaces, the :class:`Fusable` switch) <- ``lrsa`` (LRSA composed from the ops) <-
-``released`` (patches for models built from the released code) <- ``fuse``.  Nothing here imports
+``released`` (patches for models built from the released code) <- ``fuse``; ``compat`` (other codebases'
+conventions) sits beside ``backend`` on the op files.  Nothing here imports
 the model package :mod:`lrformer`; the model imports this one.
 
 Adding an op
@@ -32,6 +37,7 @@ Adding an op
    backward, poisoned outputs, GPU tile configs), ``opcheck``, bad inputs.
 5. A benchmark entry in ``benchmarks/registry.py``.
 """
+from . import compat
 from .backend import FUSED, REFERENCE, Fusable, Ops
 from .dwconv import dwconv3x3, dwconv3x3_reference
 from .fuse import fuse, unfuse
