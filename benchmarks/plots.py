@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-IMPL_STYLE = {"eager": "-", "compile": ":", "fused": "--"}
-IMPL_COLOR = {"eager": "tab:gray", "compile": "tab:orange", "fused": "tab:blue"}
+IMPL_STYLE = {"eager": "-", "compile": ":", "fused": "--", "fused+compile": "-."}
+IMPL_COLOR = {"eager": "tab:gray", "compile": "tab:orange", "fused": "tab:blue", "fused+compile": "tab:green"}
 VARIANT_COLOR = {"t": "tab:red", "s": "tab:orange", "b": "tab:blue", "l": "tab:green", "xl": "tab:purple"}
 KIND_COLOR = {"lrsa": "tab:blue", "sra": "tab:green", "global": "tab:red", "window": "tab:purple"}
 
@@ -125,7 +125,7 @@ def _bar_grid(folder, name, rows, group_key, fname, title, meta, out):
         return
     groups = sorted({r[group_key] for r in rows}, key=lambda g: [r[group_key] for r in rows].index(g))
     modes = sorted({r["mode"] for r in rows})
-    impls = [i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in rows)]
+    impls = [i for i in IMPL_COLOR if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(len(modes), len(groups), figsize=(max(7.0, 3.2 * len(groups)), 3.0 * len(modes)),
                              squeeze=False)
     for i, mode in enumerate(modes):

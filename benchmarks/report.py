@@ -11,7 +11,7 @@ import sys
 from collections import OrderedDict
 from typing import List, Optional
 
-IMPLS = ("eager", "compile", "fused")
+IMPLS = ("eager", "compile", "fused", "fused+compile")
 
 
 def _load(folder, name):

@@ -133,6 +133,61 @@ def test_gradient_checkpointing_and_drop_path_train():
     assert not torch.allclose(fused(x), fused(x))
 
 
+def _compile_backend():
+    """inductor on CUDA (what a user gets); on CPU aot_eager: the same dynamo capture (fullgraph) and
+    AOTAutograd forward/backward graphs around the opaque custom ops, without inductor's C++ codegen
+    (minutes per graph on a 2-core CI machine)."""
+    return "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+@pytest.mark.parametrize("device,dtype,tol", cases())
+def test_torch_compile_of_the_fused_encoder_fullgraph(device, dtype, tol):
+    """torch.compile(fuse(encoder), fullgraph=True): one graph (a graph break raises), equal to the
+    reference encoder forward and backward; the fused ops stay single opaque nodes."""
+    from torch import _dynamo
+    _dynamo.reset()
+    ref, fused = pair(device, dtype, depths=(1, 1, 1, 1))
+    ref_enc, enc = ref.backbone.train(), fused.backbone.train()
+    compiled = torch.compile(enc, fullgraph=True, dynamic=False, backend=_compile_backend())
+    x = torch.randn(2, 3, 40, 24, device=device, dtype=dtype)
+    outs_c, outs_r = compiled(x), ref_enc(x)
+    for a, b in zip(outs_c, outs_r):
+        assert rel_err(a, b) < tol
+    g = [torch.randn_like(o) for o in outs_r]
+    torch.autograd.backward(outs_c, g)
+    torch.autograd.backward(outs_r, g)
+    for name, err in grad_errors(enc, ref_enc).items():
+        assert err < 10 * tol, name
+
+
+@pytest.mark.parametrize("device,dtype,tol", cases())
+def test_torch_compile_of_the_fused_model_training_step(device, dtype, tol):
+    """A training step with torch.compile(fuse(model), fullgraph=True): forward, the segmentor's loss,
+    backward and two AdamW steps (drop path on) track the eager reference step for step."""
+    from torch import _dynamo
+    _dynamo.reset()
+    ref, fused = pair(device, dtype, drop_path_rate=0.1, depths=(1, 1, 1, 1))
+    ref.train()
+    fused.train()
+    compiled = torch.compile(fused, fullgraph=True, dynamic=False, backend=_compile_backend())
+    opt_r, opt_f = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, fused))
+    for step in range(2):
+        x = torch.randn(2, 3, 32, 40, device=device, dtype=dtype)
+        y = torch.randint(0, 5, (2, 32, 40), device=device)
+        torch.manual_seed(step)
+        loss_f = fused.loss(x, y, logits=compiled(x))
+        torch.manual_seed(step)
+        loss_r = ref.loss(x, y)
+        assert abs(loss_f.item() - loss_r.item()) < tol * abs(loss_r.item())
+        loss_f.backward()
+        loss_r.backward()
+        for name, err in grad_errors(fused, ref).items():
+            assert err < 10 * tol, (step, name)
+        for opt in (opt_r, opt_f):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
 def test_torch_compile_fused_model_fullgraph():
     ref, fused = pair("cpu", torch.float64, depths=(1, 1, 1, 1))
     fused.eval()

@@ -149,17 +149,25 @@ def _autocast(cfg: Config, dtype: str):
     return torch.autocast(cfg.device.type, dtype=DTYPES[dtype])
 
 
-def _impls(cfg: Config, compile_here: bool) -> List[Tuple[str, Optional[str]]]:
-    """(impl, preset status or None) for a case."""
+#: the implementations a case is timed with; "fused+compile" is ``torch.compile(lrformer_kernels.fuse(m))``
+#: (the custom ops stay opaque, inductor fuses what is left around them)
+COMPILED_IMPLS = ("compile", "fused+compile")
+
+
+def _impls(cfg: Config, compile_here: bool, fused_compile: bool = True) -> List[Tuple[str, Optional[str]]]:
+    """(impl, preset status or None) for a case; ``fused_compile``: also fused + compile (modules and
+    models; a single op compiled alone is still one opaque node)."""
+    compiled = COMPILED_IMPLS if fused_compile else COMPILED_IMPLS[:1]
     out = [("eager", None)]
     if cfg.cuda:
         out.append(("fused", None))
-        if not cfg.compile:
-            out.append(("compile", "skipped (--quick)" if cfg.quick else "skipped (--no-compile)"))
-        elif compile_here:                            # compile only at the representative cases
-            out.append(("compile", None))
+        for impl in compiled:
+            if not cfg.compile:
+                out.append((impl, "skipped (--quick)" if cfg.quick else "skipped (--no-compile)"))
+            elif compile_here:                        # compile only at the representative cases
+                out.append((impl, None))
     else:
-        out += [("fused", "needs GPU"), ("compile", "needs GPU")]
+        out += [("fused", "needs GPU")] + [(impl, "needs GPU") for impl in compiled]
     return out
 
 

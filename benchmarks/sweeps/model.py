@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 
 from ..timing import free_memory
-from .common import Case, Config, _autocast, _compiled, _gen, _impls, _m_fields, measure, size_str
+from .common import COMPILED_IMPLS, Case, Config, _autocast, _compiled, _gen, _impls, _m_fields, measure, size_str
 
 
 _MODEL_CACHE: Dict = {}
@@ -17,13 +17,13 @@ _MODEL_CACHE: Dict = {}
 def _cached_model(cfg: Config, variant: str, impl: str, train: bool):
     """Eager/fused models are reused by consecutive cases (one kept at a time); compiled ones not."""
     key = (variant, impl)
-    if impl != "compile" and key in _MODEL_CACHE:
+    if impl not in COMPILED_IMPLS and key in _MODEL_CACHE:
         model = _MODEL_CACHE[key].train(train)
         return model, model, ""
     _MODEL_CACHE.clear()
     free_memory()
     model, fwd, why = _make_model(cfg, variant, impl, train)
-    if model is not None and impl != "compile":
+    if model is not None and impl not in COMPILED_IMPLS:
         _MODEL_CACHE[key] = model
     return model, fwd, why
 
@@ -37,7 +37,7 @@ def _make_model(cfg: Config, variant: str, impl: str, train: bool):
     import lrformer
     name = f"lrformer_{variant}"
     torch.manual_seed(0)
-    if impl == "fused":
+    if impl in ("fused", "fused+compile"):
         try:
             model = lrformer.create_model(name, fused=True)
         except Exception as exc:  # noqa: BLE001
@@ -47,7 +47,7 @@ def _make_model(cfg: Config, variant: str, impl: str, train: bool):
     else:
         model = lrformer.create_model(name)
     model = model.to(cfg.device).train(train)
-    fwd = _compiled(model) if impl == "compile" else model
+    fwd = _compiled(model) if impl in COMPILED_IMPLS else model
     return model, fwd, ""
 
 
@@ -86,8 +86,9 @@ def model_cases(cfg: Config) -> List[Case]:
             key["note"] = "fp32, AdamW"
         elif dtype != "fp32":
             key["note"] = f"{dtype} autocast"
+        compiled = impl in COMPILED_IMPLS
         if preset:
-            (compile_cases if impl == "compile" else cases).append(Case("model", key, status=preset))
+            (compile_cases if compiled else cases).append(Case("model", key, status=preset))
             continue
 
         def fn(variant=variant, task=task, hw=hw, dtype=dtype, impl=impl, B=B):
@@ -125,11 +126,11 @@ def model_cases(cfg: Config) -> List[Case]:
                 return _m_fields(m)
             finally:
                 del model, fwd, opt
-                if impl == "compile":
+                if impl in COMPILED_IMPLS:
                     release_models()
-        c = Case("model", key, fn, compile=impl == "compile",
-                 min_budget_s=(150 if task == "training" else 90) if impl == "compile" else 0)
-        (compile_cases if impl == "compile" else cases).append(c)
+        c = Case("model", key, fn, compile=compiled,
+                 min_budget_s=(150 if task == "training" else 90) if compiled else 0)
+        (compile_cases if compiled else cases).append(c)
     return cases + compile_cases
 
 

@@ -1,4 +1,4 @@
-"""The LRSA and Block sweeps: the reference module vs the fused one vs ``torch.compile``."""
+"""The LRSA and Block sweeps: the reference module vs the fused one vs ``torch.compile`` of each."""
 from __future__ import annotations
 
 from typing import List
@@ -10,7 +10,7 @@ from lrformer.models.layers import Block
 
 from .. import attention_baselines as AB
 from ..registry import S_DIMS, S_HEADS, S_LAYER_SCALE, S_MLP_RATIOS
-from .common import Case, Config, _compiled, _gen, _impls, _m_fields, _randn, _time_callable, fuse_copy, size_str, stage_maps
+from .common import COMPILED_IMPLS, Case, Config, _compiled, _gen, _impls, _m_fields, _randn, _time_callable, fuse_copy, size_str, stage_maps
 
 
 class StageBlock(nn.Module):
@@ -37,30 +37,28 @@ def module_cases(cfg: Config, level: str) -> List[Case]:
                     key = dict(section=level, name="LRSA" if level == "lrsa" else "Block", stage=s,
                                image=size_str(img), shape=f"{cfg.batch}x{h}x{w}x{C}", batch=cfg.batch,
                                dtype=dtype, mode=mode, impl=impl)
+                    compiled = impl in COMPILED_IMPLS
                     if preset:
-                        (compile_cases if impl == "compile" else cases).append(Case(level, key, status=preset))
+                        (compile_cases if compiled else cases).append(Case(level, key, status=preset))
                         continue
 
                     def fn(s=s, h=h, w=w, C=C, dtype=dtype, mode=mode, impl=impl):
                         torch.manual_seed(s)
                         ref = (AB.LRSAAttention(C, S_HEADS[s - 1]) if level == "lrsa" else StageBlock(s))
                         ref = ref.to(cfg.device).train(mode != "fwd")
-                        if impl == "fused":
-                            mod, why = fuse_copy(ref)
-                            if mod is None:
+                        own = ref                           # the module whose parameters get the gradients
+                        if impl in ("fused", "fused+compile"):
+                            own, why = fuse_copy(ref)
+                            if own is None:
                                 return dict(status=why)
-                        elif impl == "compile":
-                            mod = _compiled(ref)
-                        else:
-                            mod = ref
+                        mod = _compiled(own) if impl in COMPILED_IMPLS else own
                         mk = lambda i: (_randn((cfg.batch, h, w, C), cfg, torch.float32, mode != "fwd",  # noqa: E731
                                                _gen(cfg, i)),)
                         ac = None if dtype == "fp32" else dtype
-                        own = mod if impl == "fused" else ref     # the compiled module shares ref's params
                         return _m_fields(_time_callable(cfg, mod, mk, mode, modules=(own,),
                                                         autocast_dtype=ac, probe_fn=ref))
-                    c = Case(level, key, fn, compile=impl == "compile", min_budget_s=30 if impl == "compile" else 0)
-                    (compile_cases if impl == "compile" else cases).append(c)
+                    c = Case(level, key, fn, compile=compiled, min_budget_s=30 if compiled else 0)
+                    (compile_cases if compiled else cases).append(c)
     return cases + compile_cases
 
 

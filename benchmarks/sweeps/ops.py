@@ -20,7 +20,7 @@ def op_cases(cfg: Config) -> List[Case]:
             B, C = cfg.batch, entry.channels(s)
             for dtype in cfg.dtypes:
                 for mode in cfg.modes:
-                    for impl, preset in _impls(cfg, compile_here):
+                    for impl, preset in _impls(cfg, compile_here, fused_compile=False):
                         key = dict(section="ops", name=entry.name, stage=s, image=size_str(img),
                                    shape=f"{B}x{h}x{w}x{C}" + entry.shape_note(h, w), batch=B, dtype=dtype,
                                    mode=mode, impl=impl)
