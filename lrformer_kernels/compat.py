@@ -33,7 +33,7 @@ from ._common import check_tensor
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 __all__ = ["multi_scale_deformable_attn", "multi_scale_deformable_attn_pytorch", "MSDeformAttnFunction",
-           "MultiScaleDeformableAttnFunction", "MultiScaleDeformableAttention"]
+           "MultiScaleDeformableAttnFunction", "MultiScaleDeformableAttention", "init_deformable_attention"]
 
 
 def _level_shapes(value_spatial_shapes, value_level_start_index=None):
@@ -94,6 +94,25 @@ class MSDeformAttnFunction:
 MultiScaleDeformableAttnFunction = MSDeformAttnFunction
 
 
+def init_deformable_attention(module: nn.Module, heads: int, levels: int, points: int) -> None:
+    """Deformable DETR's initialisation of a module with ``sampling_offsets``, ``attention_weights``,
+    ``value_proj`` and ``output_proj`` (mmcv's too): zero offset weights and a bias putting head m's points
+    on a ray at angle 2 pi m / heads at distances 1..points; uniform attention weights (zero weight and
+    bias); xavier-uniform projections with zero biases."""
+    nn.init.zeros_(module.sampling_offsets.weight)
+    theta = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([theta.cos(), theta.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
+    grid = grid * torch.arange(1, points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    with torch.no_grad():
+        module.sampling_offsets.bias.copy_(grid.flatten())
+    nn.init.zeros_(module.attention_weights.weight)
+    nn.init.zeros_(module.attention_weights.bias)
+    for lin in (module.value_proj, module.output_proj):
+        nn.init.xavier_uniform_(lin.weight)
+        nn.init.zeros_(lin.bias)
+
+
 class MultiScaleDeformableAttention(nn.Module):
     """mmcv's ``MultiScaleDeformableAttention`` (``mmcv.ops.multi_scale_deform_attn``): the same
     constructor, parameters (names and shapes), initialisation and ``forward``; the sampling runs in
@@ -120,21 +139,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """mmcv's initialisation: zero offset weights, a bias putting head m's points on a ray at angle
-        2 pi m / heads at distances 1..points, zero attention weights, xavier value/output projections."""
-        nn.init.zeros_(self.sampling_offsets.weight)
-        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
-        grid = torch.stack([theta.cos(), theta.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
-        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        """mmcv's initialisation (:func:`init_deformable_attention`)."""
+        init_deformable_attention(self, self.num_heads, self.num_levels, self.num_points)
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 identity: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None,

@@ -396,10 +396,14 @@ def test_huge_logits_fp32(shift, path, monkeypatch):
     v = torch.randn(B, H, W, heads * d, device=device)
     win = _win_idx(B, Nq, H, W, ws, K, False, torch.int64, device)
     g = torch.rand(B, Nq, heads * d, device=device)
+    _check_as_accurate_as_native(q, k, v, win, ws, heads, 1.0, g)
 
+
+def _check_as_accurate_as_native(q, k, v, win, ws, heads, scale, g):
+    """The op (both modes) against PyTorch's own fp32 math and float64, outputs and gradients."""
     def run(fn, *xs):
         xs = [x.detach().clone().requires_grad_() for x in xs]
-        out = fn(xs[0], xs[1], xs[2], win, ws, heads, 1.0)
+        out = fn(xs[0], xs[1], xs[2], win, ws, heads, scale)
         return (out, *torch.autograd.grad(out, xs, g.to(out.dtype)))
 
     native = run(ref_F.hrca_attention_reference, q, k, v)
@@ -422,16 +426,4 @@ def test_random_logits_fp32(logit):
     v = torch.randn(B, H, W, heads * d, device=device)
     win = _win_idx(B, Nq, H, W, ws, K, False, torch.int64, device)
     g = torch.randn(B, Nq, heads * d, device=device)
-    scale = logit / math.sqrt(d)
-
-    def run(fn, *xs):
-        xs = [x.detach().clone().requires_grad_() for x in xs]
-        out = fn(xs[0], xs[1], xs[2], win, ws, heads, scale)
-        return (out, *torch.autograd.grad(out, xs, g.to(out.dtype)))
-
-    native = run(ref_F.hrca_attention_reference, q, k, v)
-    exact = run(ref_F.hrca_attention_reference, q.double(), k.double(), v.double())
-    for mode in MODES:
-        with deterministic(mode == "deterministic"):
-            ours = run(hrca_attention, q, k, v)
-        assert_as_accurate_as_native(ours, native, exact, (f"out ({mode})", "dq", "dk", "dv"))
+    _check_as_accurate_as_native(q, k, v, win, ws, heads, logit / math.sqrt(d), g)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrformer_kernels import Fusable
+from lrformer_kernels.compat import init_deformable_attention
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -46,19 +47,7 @@ class MSDeformAttn(Fusable, nn.Module):
     def reset_parameters(self):
         """Deformable DETR's initialisation: zero offset weights and a bias putting head m's points
         on a ray at angle ``2 pi m / heads`` at distances 1..points; uniform attention weights."""
-        nn.init.zeros_(self.sampling_offsets.weight)
-        theta = torch.arange(self.heads, dtype=torch.float32) * (2 * math.pi / self.heads)
-        grid = torch.stack([theta.cos(), theta.sin()], -1)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid[:, None, None, :].repeat(1, self.levels, self.points, 1)
-        grid = grid * torch.arange(1, self.points + 1, dtype=torch.float32)[None, None, :, None]
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.flatten())
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        init_deformable_attention(self, self.heads, self.levels, self.points)
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value_in: torch.Tensor,
                 shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
