@@ -197,6 +197,24 @@ if HAS_TRITON:
                  dv.to(DV.dtype.element_ty), mask=mask_nd)
 
     @triton.jit
+    def _lra_dq_block(q, do, kt_base, vt_base, offs_n, mask_d, M, s_kn, s_vn, m_row, inv_l, scale,
+                      ACC: tl.constexpr, USE_EXP2: tl.constexpr, DOT_PREC: tl.constexpr):
+        """One key block of the dQ kernel's two passes: k^T, p = exp(s - row_max) / row_sum with s
+        recomputed as the forward does, and dP = dO v^T, all (BLOCK_M, BLOCK_N)."""
+        mask_n = offs_n < M
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
+        vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale
+        if USE_EXP2:
+            p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
+        else:
+            p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
+        return kt, p, dp
+
+    @triton.jit
     def _lra_bwd_dq_kernel(
         Q, K, V, DO, ROW_MAX, ROW_SUM, DLSE, DELTA, DQ,
         s_qb, s_qn, s_qc,
@@ -241,18 +259,8 @@ if HAS_TRITON:
         # PyTorch's softmax backward, so dS, dQ and dK are exact there
         delta = tl.zeros([BLOCK_M], ACC)
         for start_n in range(0, M, BLOCK_N):
-            offs_n = start_n + offs_nb
-            mask_n = offs_n < M
-            mask_dn = mask_d[:, None] & mask_n[None, :]
-            kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
-            vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale
-            if USE_EXP2:
-                p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
-            else:
-                p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
-            p = tl.where(mask_n[None, :], p, 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
+            kt, p, dp = _lra_dq_block(q, do, kt_base, vt_base, start_n + offs_nb, mask_d, M, s_kn, s_vn, m_row, inv_l,
+                                      scale, ACC, USE_EXP2, DOT_PREC)
             delta += tl.sum(p * dp, 1)
         if HAS_DLSE:
             delta -= tl.load(DLSE + row, mask=mask_m, other=0.0).to(ACC)
@@ -260,18 +268,8 @@ if HAS_TRITON:
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         for start_n in range(0, M, BLOCK_N):
-            offs_n = start_n + offs_nb
-            mask_n = offs_n < M
-            mask_dn = mask_d[:, None] & mask_n[None, :]
-            kt = tl.load(kt_base + offs_n[None, :] * s_kn, mask=mask_dn, other=0.0)
-            vt = tl.load(vt_base + offs_n[None, :] * s_vn, mask=mask_dn, other=0.0)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC).to(ACC) * scale       # (BLOCK_M, BLOCK_N)
-            if USE_EXP2:
-                p = tl.exp2((qk - m_row[:, None]) * 1.4426950408889634) * inv_l[:, None]
-            else:
-                p = tl.exp(qk - m_row[:, None]) * inv_l[:, None]
-            p = tl.where(mask_n[None, :], p, 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PREC).to(ACC)
+            kt, p, dp = _lra_dq_block(q, do, kt_base, vt_base, start_n + offs_nb, mask_d, M, s_kn, s_vn, m_row, inv_l,
+                                      scale, ACC, USE_EXP2, DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt), input_precision=DOT_PREC).to(ACC)
 

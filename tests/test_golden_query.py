@@ -25,31 +25,24 @@ from conftest import SHARED, SHARED_MISSING
 GOLDEN = os.path.join(SHARED, "golden")
 pytestmark = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason=SHARED_MISSING)
 
-DTYPES = [torch.float32, torch.float64]
-
-
 def _detweights():
     spec = importlib.util.spec_from_file_location("detweights", os.path.join(GOLDEN, "detweights.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
-
 def _case(file):
     case = torch.load(os.path.join(GOLDEN, file), weights_only=False)
     return next(iter(case.values()))
 
-
 def rel(a, b):
     return ((a.detach().double() - b.double()).norm() / b.double().norm()).item()
-
 
 def _tol(name, noise, dtype, output: bool):
     """float32: 1e-5 (outputs) / max(2e-5, 5 x noise) (gradients); float64: 1.5 x the noise floor."""
     if dtype == torch.float64:
         return 1.5 * noise[name]
     return 1e-5 if output else max(2e-5, 5 * noise[name])
-
 
 def _check(out, g, grads, grad_names, noise, dtype):
     """Every output and gradient against the golden case at the tolerance of ``dtype``."""
@@ -68,20 +61,20 @@ def _check(out, g, grads, grad_names, noise, dtype):
         tol = _tol(name, noise, dtype, False)
         assert rel(grad, ref) < tol, (name, rel(grad, ref), tol)
 
-
 def _loss(out, det):
     R = det.det_input(out["pred_masks"].shape, seed=99)
     R2 = det.det_input(out["pred_logits"].shape, seed=98)
     return (out["pred_masks"] * R.to(out["pred_masks"].dtype)).sum() + \
         (out["pred_logits"] * R2.to(out["pred_logits"].dtype)).sum()
 
-
 def _ids(dtype):
     return str(dtype).replace("torch.", "")
 
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+# The fused path runs in Triton's interpreter: minutes per case on a 2-core CPU.  It is checked in float32
+# on every case and in float64 on the one whose levels are not powers of two (FASeg 1x224x384, where the
+# sampling coordinate's rounding decides the bilinear corners); the reference model in both everywhere.
+@pytest.mark.parametrize("fused,dtype", [(False, torch.float32), (False, torch.float64), (True, torch.float32)],
+                         ids=["reference-float32", "reference-float64", "fused-float32"])
 def test_lrformer_t_plus_golden(fused, dtype):
     det = _detweights()
     g = _case("lrformer_t_plus_1x3x128x128.pt")
@@ -105,17 +98,16 @@ def test_lrformer_t_plus_golden(fused, dtype):
     assert rel(scores[:, g["seg_logits_classes"]], g["seg_logits"]) < _tol("seg_logits", noise, dtype, True)
     assert rel(scores.sum(1), g["seg_logits_class_sum"]) < _tol("seg_logits_class_sum", noise, dtype, True)
 
-
 # 1x224x384 is a float64 case (../shared/golden/README.md): an encoder FFN ReLU sits within 1e-7 of zero
 # and sampling points on bilinear cell borders, so in float32 which side a run lands on depends on the
 # order of its reductions (the thread count): our float32 gradients upstream of it differ from the
 # released float32 ones by up to 200x the noise floor while our float64 ones sit at the floor.
-FASEG_CASES = [(c, d) for c in ("faseg_lrformer_t_2x128x256.pt", "faseg_lrformer_t_1x224x384.pt") for d in DTYPES
-               if not (c.endswith("1x224x384.pt") and d == torch.float32)]
+FASEG_CASES = [("faseg_lrformer_t_2x128x256.pt", torch.float32, False), ("faseg_lrformer_t_2x128x256.pt", torch.float64, False),
+               ("faseg_lrformer_t_2x128x256.pt", torch.float32, True), ("faseg_lrformer_t_1x224x384.pt", torch.float64, False),
+               ("faseg_lrformer_t_1x224x384.pt", torch.float64, True)]
 
-
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@pytest.mark.parametrize("case,dtype", FASEG_CASES, ids=[f"{c[len('faseg_lrformer_t_'):-3]}-{_ids(d)}" for c, d in FASEG_CASES])
+@pytest.mark.parametrize("case,dtype,fused", FASEG_CASES, ids=[
+    f"{c[len('faseg_lrformer_t_'):-3]}-{'fused' if f else 'reference'}-{_ids(d)}" for c, d, f in FASEG_CASES])
 def test_faseg_decoder_golden(case, fused, dtype):
     det = _detweights()
     g = _case(case)
