@@ -72,7 +72,8 @@ def _ids(dtype):
 
 # The fused path runs in Triton's interpreter: minutes per case on a 2-core CPU.  It is checked in float32
 # on every case and in float64 on the one whose levels are not powers of two (FASeg 1x224x384, where the
-# sampling coordinate's rounding decides the bilinear corners); the reference model in both everywhere.
+# sampling coordinate's rounding decides the bilinear corners; opt-in on the CPU, see FASEG_CASES); the
+# reference model in both everywhere.
 @pytest.mark.parametrize("fused,dtype", [(False, torch.float32), (False, torch.float64), (True, torch.float32)],
                          ids=["reference-float32", "reference-float64", "fused-float32"])
 def test_lrformer_t_plus_golden(fused, dtype):
@@ -103,8 +104,11 @@ def test_lrformer_t_plus_golden(fused, dtype):
 # order of its reductions (the thread count): our float32 gradients upstream of it differ from the
 # released float32 ones by up to 200x the noise floor while our float64 ones sit at the floor.
 FASEG_CASES = [("faseg_lrformer_t_2x128x256.pt", torch.float32, False), ("faseg_lrformer_t_2x128x256.pt", torch.float64, False),
-               ("faseg_lrformer_t_2x128x256.pt", torch.float32, True), ("faseg_lrformer_t_1x224x384.pt", torch.float64, False),
-               ("faseg_lrformer_t_1x224x384.pt", torch.float64, True)]
+               ("faseg_lrformer_t_2x128x256.pt", torch.float32, True), ("faseg_lrformer_t_1x224x384.pt", torch.float64, False)]
+# The fused decoder in float64 at 1x224x384 takes 12-17 minutes in the interpreter on 2 cores: on demand
+# (LRFORMER_GOLDEN_FULL=1), and always on CUDA
+if os.environ.get("LRFORMER_GOLDEN_FULL") == "1" or torch.cuda.is_available():
+    FASEG_CASES.append(("faseg_lrformer_t_1x224x384.pt", torch.float64, True))
 
 @pytest.mark.parametrize("case,dtype,fused", FASEG_CASES, ids=[
     f"{c[len('faseg_lrformer_t_'):-3]}-{'fused' if f else 'reference'}-{_ids(d)}" for c, d, f in FASEG_CASES])
