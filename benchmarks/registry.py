@@ -341,6 +341,37 @@ def _msda_flops(B, h, w, s, mode):
     return one if mode == "fwd" else 3 * one
 
 
+#: the segmentation loss at a stage-1 (stride-4) map h x w: ADE20K's 150 classes, logits at stride 8
+#: (the LRHead's output), labels at the image size, 5% of the pixels unlabelled (255)
+LOSS = dict(classes=150, ignored=0.05)
+
+
+def _loss_sizes(h: int, w: int):
+    return (h + 1) // 2, (w + 1) // 2, 4 * h, 4 * w
+
+
+def _loss(s, h, w):
+    lh, lw, H, W = _loss_sizes(h, w)
+    K_ = LOSS["classes"]
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        labels = torch.randint(0, K_, (B, H, W), device=cfg.device, generator=g)
+        labels[torch.rand(B, H, W, device=cfg.device, generator=g) < LOSS["ignored"]] = 255
+        return (_randn((B, K_, lh, lw), cfg, dt, grad, g), labels)
+    return K.upsampled_cross_entropy_reference, K.upsampled_cross_entropy, inputs
+
+
+def _loss_bytes(B, h, w, s, esize, mode):
+    """fwd: read the logits (B K h/2 w/2) and the int64 labels (B 4h 4w) + write the loss; bwd: read the
+    logits and labels again + write d_logits (the per-pixel log-sum-exp the fused op keeps is not
+    compulsory: a pass over the classes could recompute it)."""
+    lh, lw, H, W = _loss_sizes(h, w)
+    logits, labels = B * LOSS["classes"] * lh * lw * esize, B * H * W * 8
+    fwd = logits + labels + 4
+    return fwd if mode == "fwd" else fwd + 2 * logits + labels
+
+
 OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("pyramid_pool", lambda s: S_DIMS[s - 1], _pyramid_pool, _pyramid_pool_bytes),
     OpEntry("lowres_attention", lambda s: S_DIMS[s - 1], _lowres_attention, _lowres_attention_bytes,
@@ -356,4 +387,6 @@ OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("ms_deform_attn", lambda s: MSDA["heads"] * MSDA["head_dim"], _msda, _msda_bytes, _msda_flops,
             cuda_stage1_only=True, shape_note=lambda h, w: "_levels{}_M{}_P{}".format(
                 "+".join(f"{a}x{b}" for a, b in msda_shapes(h, w)), MSDA["heads"], MSDA["points"])),
+    OpEntry("upsampled_cross_entropy", lambda s: LOSS["classes"], _loss, _loss_bytes, cuda_stage1_only=True,
+            shape_note=lambda h, w: "_logits{}x{}_labels{}x{}".format(*_loss_sizes(h, w))),
 )}

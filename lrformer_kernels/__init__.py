@@ -8,7 +8,8 @@ kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference`
 * :func:`upsample_residual` — ``x + layer_scale * drop_path_keep * bilinear(low)``;
 * :func:`dwconv3x3` — depthwise 3x3 conv + bias (+ GELU first) (+ residual);
 * :func:`hrca_attention` — cross-attention over per-query windows of a high-resolution map;
-* :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders).
+* :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders);
+* :func:`upsampled_cross_entropy` — the segmentation loss on bilinearly upsampled logits, never forming them.
 
 :mod:`lrformer_kernels.compat` offers :func:`ms_deform_attn` under the calling convention of Deformable
 DETR / Mask2Former / mmcv (``MSDeformAttnFunction.apply``, ``multi_scale_deformable_attn``, mmcv's
@@ -49,10 +50,11 @@ from .pyramid_pool import (adaptive_avg_pool, lrsa_grids, pool_grid, pyramid_poo
                            split_pyramid)
 from .released import FusedIRB, FusedPoolingAttention
 from .upsample_residual import bilinear_resize, branch_scale, upsample_residual, upsample_residual_reference
+from .upsampled_cross_entropy import upsampled_cross_entropy, upsampled_cross_entropy_reference
 
 __all__ = ["pyramid_pool", "pyramid_pool_reference", "adaptive_avg_pool", "split_pyramid", "pool_grid", "pyramid_sizes", "lrsa_grids",
            "lowres_attention", "lowres_attention_reference", "upsample_residual", "upsample_residual_reference",
            "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "hrca_attention",
            "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low", "ms_deform_attn",
-           "ms_deform_attn_reference",
+           "ms_deform_attn_reference", "upsampled_cross_entropy", "upsampled_cross_entropy_reference",
            "Ops", "REFERENCE", "FUSED", "Fusable", "fuse", "unfuse", "FusedPoolingAttention", "FusedIRB"]

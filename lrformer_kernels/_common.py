@@ -16,6 +16,39 @@ try:  # triton is optional on CPU-only machines
 except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def bilinear_taps(d, n_in, n_out, ACC: tl.constexpr):
+        """Source taps of output index ``d`` of an ``align_corners=False`` bilinear resize n_in -> n_out,
+        exactly in integers: ``src = max(((2d+1) n_in - n_out) / (2 n_out), 0)`` -> (i0, i1, lambda)."""
+        nd = tl.maximum((2 * d + 1) * n_in - n_out, 0)
+        i0 = nd // (2 * n_out)
+        lam = (nd - i0 * (2 * n_out)).to(ACC) / (2 * n_out)
+        return i0, tl.minimum(i0 + 1, n_in - 1), lam
+
+    @triton.jit
+    def bilinear_lerp(v00, v01, v10, v11, ly, lx, same_h, same_w):
+        """The bilinear blend of four taps (row-major: v<row><col>).  Along a side whose size does not
+        change the resize is the identity (F.interpolate's single tap): select instead of weighting by 0,
+        so a NaN/inf stays in its own pixel as in the reference (elsewhere zero-weight taps are
+        multiplied, as F.interpolate does)."""
+        r0 = tl.where(same_w, v00, (1.0 - lx) * v00 + lx * v01)
+        r1 = tl.where(same_w, v10, (1.0 - lx) * v10 + lx * v11)
+        return tl.where(same_h, r0, (1.0 - ly) * r0 + ly * r1)
+
+    @triton.jit
+    def bilinear_support(first, last, n_in, n_out):
+        """Output indices ``[lo, hi)`` of a bilinear resize n_in -> n_out whose i0 or i1 tap lies in the
+        source range ``[first, last]`` (closed form: the first output with i0 >= k is
+        ``ceil((2k+1) n_out / n_in) // 2`` for k >= 1, else 0)."""
+        lo = tl.where(first >= 2, ((2 * first - 1) * n_out + n_in - 1) // n_in // 2, 0)
+        lo = tl.minimum(lo, n_out)
+        hi = tl.minimum(((2 * last + 3) * n_out + n_in - 1) // n_in // 2, n_out)
+        return lo, hi
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 #: Under the interpreter the ops use much bigger tiles (its cost is per program and per op, not per

@@ -17,11 +17,13 @@ from .lowres_attention import lowres_attention, lowres_attention_reference
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from .pyramid_pool import pyramid_pool, pyramid_pool_reference
 from .upsample_residual import upsample_residual, upsample_residual_reference
+from .upsampled_cross_entropy import upsampled_cross_entropy, upsampled_cross_entropy_reference
 
 __all__ = ["Ops", "REFERENCE", "FUSED", "Fusable", "OP_NAMES"]
 
 #: the ops every backend provides
-OP_NAMES = ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv3x3", "hrca_attention", "ms_deform_attn")
+OP_NAMES = ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv3x3", "hrca_attention", "ms_deform_attn",
+            "upsampled_cross_entropy")
 
 
 class Ops:
@@ -42,10 +44,11 @@ class Ops:
 
 REFERENCE = Ops("reference", pyramid_pool=pyramid_pool_reference, lowres_attention=lowres_attention_reference,
                 upsample_residual=upsample_residual_reference, dwconv3x3=dwconv3x3_reference,
-                hrca_attention=hrca_attention_reference, ms_deform_attn=ms_deform_attn_reference)
+                hrca_attention=hrca_attention_reference, ms_deform_attn=ms_deform_attn_reference,
+                upsampled_cross_entropy=upsampled_cross_entropy_reference)
 FUSED = Ops("fused", pyramid_pool=pyramid_pool, lowres_attention=lowres_attention,
             upsample_residual=upsample_residual, dwconv3x3=dwconv3x3, hrca_attention=hrca_attention,
-            ms_deform_attn=ms_deform_attn)
+            ms_deform_attn=ms_deform_attn, upsampled_cross_entropy=upsampled_cross_entropy)
 
 
 class Fusable:

@@ -77,6 +77,13 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
                     lambda v, loc, wgt: F.ms_deform_attn(v, shapes, loc, wgt),
                     lambda v, loc, wgt: R.ms_deform_attn(v, shapes, loc, wgt)))
         out.append(("LRSA block", *_lrsa_block(B, h, w, C, heads, grids, randn)))
+        K, lh = (19, 6) if small else (150, side // 2)      # the loss: stride-8 logits, labels at the image size
+
+        def loss_inputs(dt, dev):
+            labels = torch.randint(0, K, (B, 8 * lh, 8 * lh), device=dev)
+            labels[torch.rand(labels.shape, device=dev) < 0.05] = 255
+            return randn(B, K, lh, lh, dt=dt, dev=dev), labels
+        out.append(("upsampled_cross_entropy", loss_inputs, F.upsampled_cross_entropy, R.upsampled_cross_entropy))
     return out
 
 
@@ -105,7 +112,7 @@ def _lrsa_block(B, h, w, C, heads, grids, randn):
 def check(fused, reference, inputs, dtype) -> Tuple[float, float]:
     """(output error, worst gradient error) of ``fused`` in ``dtype`` vs ``reference`` in float64."""
     xs = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-    ref_xs = [t.detach().double().requires_grad_(t.is_floating_point()) for t in inputs]
+    ref_xs = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs]
     out, ref = fused(*xs), reference(*ref_xs)
     g = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
     leaves = [t for t in xs if t.requires_grad]
@@ -153,7 +160,7 @@ def run(quick: bool = False, stream=sys.stdout) -> int:
     rows, failed = [], 0
     print(f"lrformer_kernels self-test on {torch.cuda.get_device_name(dev) if cuda else 'CPU (Triton interpreter)'}"
           f", torch {torch.__version__}", file=stream)
-    print(f"{'op':<18} {'stage':>5} {'dtype':<9} {'out err':>9} {'grad err':>9} {'tol':>7}  result", file=stream)
+    print(f"{'op':<23} {'stage':>5} {'dtype':<9} {'out err':>9} {'grad err':>9} {'tol':>7}  result", file=stream)
     timing: Dict[str, Tuple] = {}
     for s in stages:
         for name, make, fused, ref in _cases(s, small):
@@ -168,7 +175,7 @@ def run(quick: bool = False, stream=sys.stdout) -> int:
                     ok, note = False, f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
                 failed += not ok
                 rows.append((name, s, dt, oerr, gerr, ok))
-                print(f"{name:<18} {s:>5} {str(dt).replace('torch.', ''):<9} {oerr:>9.2e} {gerr:>9.2e} "
+                print(f"{name:<23} {s:>5} {str(dt).replace('torch.', ''):<9} {oerr:>9.2e} {gerr:>9.2e} "
                       f"{TOL[dt]:>7.0e}  {note}", file=stream)
                 if cuda and ok and dt == torch.bfloat16 and s == stages[0]:
                     timing[name] = (fused, ref, inputs)

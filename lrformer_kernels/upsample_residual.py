@@ -35,6 +35,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import bilinear_lerp, bilinear_support, bilinear_taps
+
 __all__ = ["upsample_residual", "upsample_residual_reference", "bilinear_resize", "branch_scale"]
 
 # ----------------------------------------------------------------------------------------------
@@ -72,15 +74,8 @@ if HAS_TRITON:
         oh = t % H
         b = t // H
 
-        # source coordinates, exact integer arithmetic: src = max(((2d+1)*in - out) / (2*out), 0)
-        ny = tl.maximum((2 * oh + 1) * h - H, 0)
-        y0 = ny // (2 * H)
-        ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H)
-        y1 = tl.minimum(y0 + 1, h - 1)
-        nx = tl.maximum((2 * ow + 1) * w - W, 0)
-        x0 = nx // (2 * W)
-        lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W)
-        x1 = tl.minimum(x0 + 1, w - 1)
+        y0, y1, ly = bilinear_taps(oh, h, H, ACC)
+        x0, x1, lx = bilinear_taps(ow, w, W, ACC)
         lx = lx[:, None]
         ly = ly[:, None]
 
@@ -94,12 +89,7 @@ if HAS_TRITON:
         v01 = tl.load(r0 + c1, mask=mask, other=0.0).to(ACC)
         v10 = tl.load(r1 + c0, mask=mask, other=0.0).to(ACC)
         v11 = tl.load(r1 + c1, mask=mask, other=0.0).to(ACC)
-        # Along a side whose size does not change the resize is the identity (F.interpolate's single tap):
-        # select instead of weighting by 0, so a NaN/inf in low stays in its own pixel as in the reference
-        # (where sizes differ F.interpolate multiplies zero-weight taps too, and so do we)
-        r0 = tl.where(w == W, v00, (1.0 - lx) * v00 + lx * v01)
-        r1 = tl.where(w == W, v10, (1.0 - lx) * v10 + lx * v11)
-        up = tl.where(h == H, r0, (1.0 - ly) * r0 + ly * r1)
+        up = bilinear_lerp(v00, v01, v10, v11, ly, lx, h == H, w == W)
         if HAS_SCALE:
             sc = tl.load(scale_ptr + cc * s_scale, mask=cmask, other=0.0).to(ACC)
             up = up * sc[None, :]
@@ -152,14 +142,8 @@ if HAS_TRITON:
         jmask = jj < w
         jl = tl.minimum(j0 + BLOCK_J, w) - 1  # last low column of this tile
 
-        # Output rows whose i0 is in {i-1, i} (exactly those whose i0 or i1 can be i):
-        # first oh with i0(oh) >= k is ceil((2k+1)*H / h) // 2 for k >= 1, else 0.
-        oh_lo = tl.where(i >= 2, ((2 * i - 1) * H + h - 1) // h // 2, 0)
-        oh_lo = tl.minimum(oh_lo, H)
-        oh_hi = tl.minimum(((2 * i + 3) * H + h - 1) // h // 2, H)
-        ow_lo = tl.where(j0 >= 2, ((2 * j0 - 1) * W + w - 1) // w // 2, 0)
-        ow_lo = tl.minimum(ow_lo, W)
-        ow_hi = tl.minimum(((2 * jl + 3) * W + w - 1) // w // 2, W)
+        oh_lo, oh_hi = bilinear_support(i, i, h, H)      # the output rows / columns these cells feed
+        ow_lo, ow_hi = bilinear_support(j0, jl, w, W)
 
         gbase = g_ptr + b * sgb
         acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=ACC)
@@ -171,18 +155,12 @@ if HAS_TRITON:
             # vertical reduction of the grad rows touching low row i
             red = tl.zeros((BLOCK_OW, BLOCK_C), dtype=ACC)
             for oh in range(oh_lo, oh_hi):
-                ny = tl.maximum((2 * oh + 1) * h - H, 0)
-                y0 = ny // (2 * H)
-                ly = (ny - y0 * (2 * H)).to(ACC) / (2 * H)
-                y1 = tl.minimum(y0 + 1, h - 1)
+                y0, y1, ly = bilinear_taps(oh, h, H, ACC)
                 wy = tl.where(y0 == i, 1.0 - ly, 0.0) + tl.where(y1 == i, ly, 0.0)
                 gv = tl.load(gbase + oh * sgh + goff, mask=gmask, other=0.0).to(ACC)
                 red += wy * gv
             # horizontal weights of these output columns, then reduction per low column
-            nx = tl.maximum((2 * ow + 1) * w - W, 0)
-            x0 = nx // (2 * W)
-            lx = (nx - x0 * (2 * W)).to(ACC) / (2 * W)
-            x1 = tl.minimum(x0 + 1, w - 1)
+            x0, x1, lx = bilinear_taps(ow, w, W, ACC)
             for jo in tl.static_range(BLOCK_J):
                 jc = j0 + jo
                 wx = tl.where(x0 == jc, 1.0 - lx, 0.0) + tl.where(x1 == jc, lx, 0.0)

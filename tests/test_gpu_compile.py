@@ -4,7 +4,7 @@ fit the target's shared memory and use no local memory / stack (no register spil
 
 The launches are recorded (:mod:`launch_recorder`) by calling each op's launchers on ``meta`` tensors with
 the GPU tile configurations: the encoder stages and the LRHead of LRFormer-T/S/L at 512 and 1024 (batch 8),
-the query decoders' deformable attention and windowed cross-attention, fp32/bf16/fp16, forward and
+the query decoders' deformable attention and windowed cross-attention, the segmentation loss, fp32/bf16/fp16, forward and
 backward, every mode (atomic and deterministic, GELU and residual, with the log-sum-exp gradient, int64
 offsets).  CI runs a quick subset (LRFormer-T and -S at 512); ``LRFORMER_COMPILE_FULL=1`` runs all of it.
 """
@@ -25,7 +25,8 @@ from lrformer.factory import VARIANTS, create_encoder  # noqa: E402
 pytestmark = pytest.mark.skipif(not os.path.exists(ptxas_path()), reason="the Triton wheel has no ptxas")
 FULL = os.environ.get("LRFORMER_COMPILE_FULL", "0") not in ("", "0")
 M = {n: importlib.import_module(f"lrformer_kernels.{n}") for n in
-     ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn")}
+     ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn",
+      "upsampled_cross_entropy")}
 
 
 def meta(*shape, dtype):
@@ -96,6 +97,16 @@ def _record_decoders(image, dt, B=8):
         hrca._backward_triton(o, q, kmap[..., :C], kmap[..., C:], win, o, row_max, row_sum, None, ws, 8, 0.177, det)
 
 
+def _record_loss(image, dt, B=8, classes=150):
+    """The segmentor's loss: stride-8 logits (NCHW and channels-last) against int64 labels at the image size."""
+    uce = M["upsampled_cross_entropy"]
+    h, w = R.stage_map_size(image, image, 2)
+    labels = meta(B, image, image, dtype=torch.int64)
+    for logits in (meta(B, classes, h, w, dtype=dt), meta(B, h, w, classes, dtype=dt).permute(0, 3, 1, 2)):
+        _, lse, n = uce._forward_triton(logits, labels, 255)
+        uce._backward_triton(meta(dtype=torch.float32), logits, labels, lse, n, 255)
+
+
 def _specs(monkeypatch, variants, images, dtypes):
     with Recorder(monkeypatch) as rec:
         for dt in dtypes:
@@ -103,12 +114,14 @@ def _specs(monkeypatch, variants, images, dtypes):
                 for v in variants:
                     _record_model(v, image, dt)
                 _record_decoders(image, dt)
+                _record_loss(image, dt)
         # the int64 offset path (decided from the sizes): every op once more with it forced on
         for mod in M.values():
             monkeypatch.setattr(mod, "needs_int64", lambda *t: True)
         for dt in dtypes:
             _record_model(variants[0], images[0], dt)
             _record_decoders(images[0], dt)
+            _record_loss(images[0], dt)
     return rec.specs
 
 
@@ -116,7 +129,7 @@ def test_every_dispatched_kernel_compiles_without_spills(monkeypatch):
     variants, images = (("t", "s", "l"), (512, 1024)) if FULL else (("t", "s"), (512,))
     specs = _specs(monkeypatch, variants, images, (torch.float32, torch.bfloat16, torch.float16))
     kernels = {s["kernel"] for s in specs}
-    assert len(kernels) == 14, sorted(kernels)      # every kernel of the six ops is launched
+    assert len(kernels) == 16, sorted(kernels)      # every kernel of the seven ops is launched
     reports = compile_reports([dict(s, cc=cc) for s in specs for cc in (90, 80)])
     bad = [(r["kernel"], r["cc"], r["signature"].get("X") or next(iter(r["signature"].values())), r["constexprs"],
             r["num_warps"], r["registers"], r["stack"], r["local"]) for r in reports

@@ -155,6 +155,16 @@ def _hrca_attention_backward_extra(args, out) -> int:
     return 2 * k.numel() * _acc_size(k) + _cast_extra(k.numel(), k) + _cast_extra(v.numel(), v)
 
 
+def _loss_forward_extra(args, out) -> int:
+    """One launch (labels read once, the logits' taps from L2) writing fp32 per-program partials of the
+    NLL sum and the count, read by the fixed-order sum."""
+    uce = _kernels("upsampled_cross_entropy")
+    logits, labels = args[0], args[1]
+    with _gpu_tiles():
+        block_p = uce._forward_config(labels.numel(), logits.shape[1])[0]
+    return 2 * 2 * (-(-labels.numel() // block_p)) * _acc_size(logits)
+
+
 #: ``lrformer::<op>`` -> bytes its kernels move beyond reading each argument and writing each output once.
 FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::pyramid_pool": _no_extra,            # one launch; the grids' overlapping windows hit L2
@@ -169,6 +179,10 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::hrca_attention_backward": _hrca_attention_backward_extra,
     "lrformer::ms_deform_attn": _no_extra,          # one launch (+ a cached per-shapes level table)
     "lrformer::ms_deform_attn_backward": _ms_deform_attn_backward_extra,
+    "lrformer::upsampled_cross_entropy": _loss_forward_extra,
+    # one launch: the class tiles of a cell are consecutive programs and the two low rows a label row
+    # feeds are resident together, so the labels and lse are read from DRAM once, the logits' taps hit L2
+    "lrformer::upsampled_cross_entropy_backward": _no_extra,
 }
 
 

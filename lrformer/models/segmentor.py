@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lrformer_kernels import Fusable
+
 IGNORE_INDEX = 255
 
 
@@ -60,9 +62,10 @@ class eval_mode:
         return False
 
 
-class LRFormerSegmentor(nn.Module):
+class LRFormerSegmentor(Fusable, nn.Module):
     """``forward(images)`` -> logits at stride 8; ``predict`` -> full-size logits or labels;
-    ``loss(images, labels)`` -> cross-entropy (ignore 255) on logits upsampled to the labels."""
+    ``loss(images, labels)`` -> cross-entropy (ignore 255) on logits upsampled to the labels (fused: one op
+    that never forms the upsampled logits)."""
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module):
         super().__init__()
@@ -86,9 +89,9 @@ class LRFormerSegmentor(nn.Module):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor,
              logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Cross-entropy with ignore index 255; labels (B, H, W) int64 at any size."""
+        """Cross-entropy with ignore index 255 of the logits bilinearly upsampled to the labels (B, H, W), any
+        integer dtype, any size; in float32 (the upsampling too, as mmseg's loss casts first)."""
         check_labels(labels, self.num_classes)
         if logits is None:
             logits = self(images)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX)
+        return self.ops.upsampled_cross_entropy(logits, labels, IGNORE_INDEX)
