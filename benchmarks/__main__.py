@@ -38,7 +38,8 @@ FLOPS_COLUMNS = ["model", "image", "height", "width", "num_classes", "params", "
 ATTN_FLOPS_COLUMNS = ["kind", "label", "stage", "dim", "heads", "image", "map", "tokens", "gflops",
                       "gflops_closed_form", "match", "note", "status", "device", "torch", "triton"]
 TRAFFIC_COLUMNS = ["section", "case", "stage", "image", "shape", "batch", "dtype", "mode", "status", "eager_gb",
-                   "fused_gb", "ratio", "eager_ops", "fused_ops", "fused_op_gb", "eager_top_gb",
+                   "fused_gb", "ratio", "eager_gflop", "fused_gflop", "flop_ratio", "eager_ops", "fused_ops",
+                   "fused_op_gb", "eager_top_gb",
                    "eager_bytes", "fused_bytes", "device", "torch", "triton"]
 FILES = {  # output name -> (case sections, columns)
     "flops": (("flops",), FLOPS_COLUMNS),

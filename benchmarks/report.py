@@ -148,8 +148,11 @@ def traffic_table(folder) -> str:
     if not rows:
         return ""
     out = [[r["case"], str(r.get("stage") or "-"), r["image"], str(r["batch"]), r["dtype"], r["mode"],
-            f"{r['eager_gb']:.3f}", f"{r['fused_gb']:.3f}", f"{r['ratio']:.2f}x"] for r in rows]
-    hdr = ["case", "stage", "image", "batch", "dtype", "pass", "eager GB", "fused GB", "eager / fused"]
+            f"{r['eager_gb']:.3f}", f"{r['fused_gb']:.3f}", f"{r['ratio']:.2f}x",
+            f"{r['eager_gflop']:.1f} / {r['fused_gflop']:.1f}" if r.get("eager_gflop") is not None else "-"]
+           for r in rows]
+    hdr = ["case", "stage", "image", "batch", "dtype", "pass", "eager GB", "fused GB", "eager / fused",
+           "GFLOP eager / fused"]
     return ("### Traffic model (bytes counted per op on the meta device; a bound on the memory-bound "
             "speed-up, not a timing)\n\n" + _table(hdr, out))
 

@@ -7,6 +7,7 @@ kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference`
 * :func:`lowres_attention` — multi-head softmax attention over the low-resolution tokens;
 * :func:`upsample_residual` — ``x + layer_scale * drop_path_keep * bilinear(low)``;
 * :func:`dwconv3x3` — depthwise 3x3 conv + bias (+ GELU first) (+ residual);
+* :func:`irb` — a block's IRB branch: LayerNorm, fc1, GELU, depthwise conv, fc2, layer scale, drop path, residual;
 * :func:`hrca_attention` — cross-attention over per-query windows of a high-resolution map;
 * :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders);
 * :func:`upsampled_cross_entropy` — the segmentation loss on bilinearly upsampled logits, never forming them.
@@ -42,6 +43,7 @@ from . import compat
 from .backend import FUSED, REFERENCE, Fusable, Ops
 from .dwconv import dwconv3x3, dwconv3x3_reference
 from .fuse import fuse, unfuse
+from .irb import irb, irb_reference
 from .hrca import hrca_attention, hrca_attention_reference, hrca_window_grid, hrca_window_pixels
 from .lowres_attention import lowres_attention, lowres_attention_reference
 from .lrsa import lrsa_low
@@ -54,7 +56,7 @@ from .upsampled_cross_entropy import upsampled_cross_entropy, upsampled_cross_en
 
 __all__ = ["pyramid_pool", "pyramid_pool_reference", "adaptive_avg_pool", "split_pyramid", "pool_grid", "pyramid_sizes", "lrsa_grids",
            "lowres_attention", "lowres_attention_reference", "upsample_residual", "upsample_residual_reference",
-           "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "hrca_attention",
+           "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "irb", "irb_reference", "hrca_attention",
            "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low", "ms_deform_attn",
            "ms_deform_attn_reference", "upsampled_cross_entropy", "upsampled_cross_entropy_reference",
            "Ops", "REFERENCE", "FUSED", "Fusable", "fuse", "unfuse", "FusedPoolingAttention", "FusedIRB"]

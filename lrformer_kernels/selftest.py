@@ -67,6 +67,9 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
                                              randn(C * ratio, 1, 3, 3, dt=dt, dev=dev) / 3,
                                              randn(C * ratio, dt=dt, dev=dev)),
          lambda x, wt, b: F.dwconv3x3(x, wt, b, gelu=True), lambda x, wt, b: R.dwconv3x3(x, wt, b, gelu=True)),
+        ("irb (Block IRB)", lambda dt, dev: _irb_inputs(B, h, w, C, C * ratio, dt, dev, randn),
+         lambda x, *p: F.irb(x, *p[:7], _KEEP[:B].to(x.device, p[7].dtype), *p[7:]),
+         lambda x, *p: R.irb(x, *p[:7], _KEEP[:B].to(x.device, p[7].dtype), *p[7:])),
     ]
     if stage == 1:
         S, M, D, L, P = (16 + 64, 2, 8, 2, 2) if small else (16 * 16 + 32 * 32 + 64 * 64, 8, 32, 3, 4)
@@ -85,6 +88,17 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
             return randn(B, K, lh, lh, dt=dt, dev=dev), labels
         out.append(("upsampled_cross_entropy", loss_inputs, F.upsampled_cross_entropy, R.upsampled_cross_entropy))
     return out
+
+
+#: the IRB check's drop-path factors: one dropped sample, the others kept with 1 / 0.8
+_KEEP = torch.tensor([1.25, 0.0, 1.25, 1.25, 1.25, 1.25, 1.25, 1.25])
+
+
+def _irb_inputs(B, h, w, C, HD, dt, dev, randn):
+    """x, w1, b1, wc, bc, w2, b2, layer scale, LayerNorm weight and bias of one encoder block's IRB branch."""
+    return (randn(B, h, w, C, dt=dt, dev=dev) + 1, randn(HD, C, dt=dt, dev=dev) / C ** 0.5, randn(HD, dt=dt, dev=dev),
+            randn(HD, 1, 3, 3, dt=dt, dev=dev) / 3, randn(HD, dt=dt, dev=dev), randn(C, HD, dt=dt, dev=dev) / HD ** 0.5,
+            randn(C, dt=dt, dev=dev), randn(C, dt=dt, dev=dev), 1 + randn(C, dt=dt, dev=dev) / 10, randn(C, dt=dt, dev=dev))
 
 
 def _lrsa_block(B, h, w, C, heads, grids, randn):

@@ -10,7 +10,7 @@ import torch
 
 OP_MODULES = ("lrformer_kernels.pyramid_pool", "lrformer_kernels.lowres_attention", "lrformer_kernels.upsample_residual",
               "lrformer_kernels.dwconv", "lrformer_kernels.hrca", "lrformer_kernels.ms_deform_attn",
-              "lrformer_kernels.upsampled_cross_entropy")
+              "lrformer_kernels.upsampled_cross_entropy", "lrformer_kernels.irb")
 PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64",
        torch.int32: "*i32", torch.int64: "*i64"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")

@@ -71,11 +71,14 @@ def _ids(dtype):
     return str(dtype).replace("torch.", "")
 
 # The fused path runs in Triton's interpreter: minutes per case on a 2-core CPU.  It is checked in float32
-# on every case and in float64 on the one whose levels are not powers of two (FASeg 1x224x384, where the
-# sampling coordinate's rounding decides the bilinear corners; opt-in on the CPU, see FASEG_CASES); the
-# reference model in both everywhere.
-@pytest.mark.parametrize("fused,dtype", [(False, torch.float32), (False, torch.float64), (True, torch.float32)],
-                         ids=["reference-float32", "reference-float64", "fused-float32"])
+# on the FASeg 2x128x256 case and in float64 on LRFormer-T+ and on the case whose levels are not powers of two
+# (FASeg 1x224x384, opt-in on the CPU, see FASEG_CASES); the reference model in both everywhere.  LRFormer-T+
+# fused is a float64 case: its decoder gradients flow back through the deformable attention, whose bilinear
+# gradient jumps at pixel borders (~5e-4 in float32, ../shared/golden/README.md); the fused encoder's float32
+# rounding (its own LayerNorm and GEMM reduction orders) moves a sampling point across a border and one
+# cross-attention bias gradient by 7e-4, while in float64 every tensor sits at the noise floor.
+@pytest.mark.parametrize("fused,dtype", [(False, torch.float32), (False, torch.float64), (True, torch.float64)],
+                         ids=["reference-float32", "reference-float64", "fused-float64"])
 def test_lrformer_t_plus_golden(fused, dtype):
     det = _detweights()
     g = _case("lrformer_t_plus_1x3x128x128.pt")

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(ptxas_path()), reason="the Tr
 FULL = os.environ.get("LRFORMER_COMPILE_FULL", "0") not in ("", "0")
 M = {n: importlib.import_module(f"lrformer_kernels.{n}") for n in
      ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn",
-      "upsampled_cross_entropy")}
+      "upsampled_cross_entropy", "irb")}
 
 
 def meta(*shape, dtype):
@@ -51,6 +51,15 @@ def _lrsa_stage(B, h, w, C, heads, q_size, kv_sizes, hidden, dt, scale_on, poole
             m = meta(B, gh, gw, C, dtype=dt)
             dw._forward_triton(m, wc, bc, False, True)
             dw._backward_triton(m, m, wc, bc, False, True)
+    irb = M["irb"]                       # the IRB branch: LayerNorm'd (encoder) or BatchNorm'd (head) input
+    w1, b1, wd, bd = meta(hidden, C, dtype=dt), meta(hidden, dtype=dt), meta(hidden, 1, 3, 3, dtype=dt), meta(hidden, dtype=dt)
+    w2, b2 = meta(C, hidden, dtype=dt), meta(C, dtype=dt)
+    ls = meta(C, dtype=torch.float32) if scale_on else None
+    for ln in ((meta(C, dtype=dt), meta(C, dtype=dt)), (None, None)):
+        for keep in (None, meta(B, dtype=torch.float32)):
+            irb._forward_triton(x, w1, b1, wd, bd, w2, b2, ls, keep, *ln, 1e-6, None if ln[0] is not None else x, dt,
+                                scale_on)
+    irb._fc2_weight_grad_triton(meta(B * h * w, C, dtype=dt), meta(B, h, w, hidden, dtype=dt), wd, bd)
     nq = pairs[0][0] * pairs[0][1]
     mk = sum(a * b for a, b in pairs[1:])
     q, kv = meta(B, nq, C, dtype=dt), meta(B, mk, 2 * C, dtype=dt)
@@ -129,7 +138,7 @@ def test_every_dispatched_kernel_compiles_without_spills(monkeypatch):
     variants, images = (("t", "s", "l"), (512, 1024)) if FULL else (("t", "s"), (512,))
     specs = _specs(monkeypatch, variants, images, (torch.float32, torch.bfloat16, torch.float16))
     kernels = {s["kernel"] for s in specs}
-    assert len(kernels) == 16, sorted(kernels)      # every kernel of the seven ops is launched
+    assert len(kernels) == 19, sorted(kernels)      # every kernel of the eight ops is launched
     reports = compile_reports([dict(s, cc=cc) for s in specs for cc in (90, 80)])
     bad = [(r["kernel"], r["cc"], r["signature"].get("X") or next(iter(r["signature"].values())), r["constexprs"],
             r["num_warps"], r["registers"], r["stack"], r["local"]) for r in reports

@@ -75,7 +75,8 @@ def test_cases_fused_moves_less():
     fewer dispatched ops (each aten op or fused op counts one)."""
     cfg = default_config(torch.device("cpu"), quick=True)
     cases = T.traffic_cases(cfg)
-    assert {c.key["case"] for c in cases} == {"LRSA", "Block", "LRFormer-S encoder", "LRFormer-S training step"}
+    assert {c.key["case"] for c in cases} == {"LRSA", "Block", "LRFormer-S encoder", "LRFormer-S segmentor",
+                                              "LRFormer-S training step"}
     rows = [dict(c.key, **c.fn()) for c in cases]
     for r in rows:
         assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_ops"] < r["eager_ops"], r
@@ -105,20 +106,44 @@ def test_committed_traffic_results():
         rows = list(csv.DictReader(f))
     assert {(r["image"], r["batch"], r["dtype"]) for r in rows} == {("512x512", "8", "bf16"),
                                                                      ("1024x1024", "8", "bf16")}
-    assert len(rows) == 2 * (2 * 4 * 2 + 2)
+    assert len(rows) == 2 * (2 * 4 * 2 + 3)
     assert all(abs(float(r["ratio"]) - int(r["eager_bytes"]) / int(r["fused_bytes"])) < 1e-3 for r in rows)
     # the README's table is read off this file
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     for r in rows:
-        if r["case"] in ("LRFormer-S training step", "LRFormer-S encoder"):
+        if r["case"] in ("LRFormer-S training step", "LRFormer-S segmentor", "LRFormer-S encoder"):
             assert f"{float(r['eager_gb']):.3g} -> {float(r['fused_gb']):.3g} | {float(r['ratio']):.2f}x" in readme, r
+
+
+def test_flops_counted_per_op():
+    """FLOPs: a Linear's addmm is 2 M K N; a depthwise conv's backward counts its groups (torch's own formula
+    does not); the fused IRB counts fc1, fc2 and its depthwise recompute, and its backward its own GEMMs."""
+    import lrformer_kernels as K
+    bf = dict(device="meta", dtype=torch.bfloat16)
+    with torch.device("meta"):
+        lin, conv = nn.Linear(64, 32).to(torch.bfloat16), nn.Conv2d(16, 16, 3, padding=1, groups=16).to(torch.bfloat16)
+    assert _count(lin, torch.empty(8, 64, **bf)).flops == 2 * 8 * 64 * 32
+    x = torch.empty(2, 16, 5, 7, **bf, requires_grad=True)
+    c = _count(lambda: conv(x).backward(torch.empty(2, 16, 5, 7, **bf)))
+    assert c.flops == 3 * 2 * 9 * 2 * 16 * 5 * 7              # forward, d_input, d_weight
+    B, H, W, C, HD = 2, 5, 7, 64, 256
+    xs = torch.empty(B, H, W, C, **bf, requires_grad=True)
+    ps = [torch.empty(*s, **bf, requires_grad=True) for s in ((HD, C), (HD,), (HD, 1, 3, 3), (HD,), (C, HD), (C,))]
+    with T.TrafficCounter() as c:
+        out = K.irb(xs, *ps)
+    gemm = 2 * B * H * W * C * HD
+    assert c.flops == 2 * gemm + 2 * 9 * B * H * W * HD
+    with T.TrafficCounter() as c:
+        out.backward(torch.empty_like(out))
+    assert c.flops >= 4 * gemm                               # d_a, d_w2, d_xn, d_w1 (+ the depthwise parts)
 
 
 def test_every_fused_op_has_a_rule():
     """Each ``lrformer::`` custom op the package registers (forward and backward) has a traffic rule."""
     import importlib
     names = set()
-    for mod in ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn"):
+    for mod in ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv", "hrca", "ms_deform_attn",
+                "upsampled_cross_entropy", "irb"):
         importlib.import_module(f"lrformer_kernels.{mod}")
     for name in dir(torch.ops.lrformer):
         if not name.startswith("_") and isinstance(getattr(torch.ops.lrformer, name), torch._ops.OpOverloadPacket):
@@ -158,7 +183,8 @@ def test_counts_without_triton(monkeypatch):
     does not bring it): the tile configs the fused ops' rules read are plain Python.  Simulated by
     removing the ``triton`` module from every op file (before: NameError in the backward configs)."""
     import importlib
-    for name in ("dwconv", "hrca", "lowres_attention", "ms_deform_attn", "pyramid_pool", "upsample_residual"):
+    for name in ("dwconv", "hrca", "lowres_attention", "ms_deform_attn", "pyramid_pool", "upsample_residual",
+                 "upsampled_cross_entropy", "irb"):
         mod = importlib.import_module(f"lrformer_kernels.{name}")
         monkeypatch.delattr(mod, "triton", raising=False)
         monkeypatch.setattr(mod, "HAS_TRITON", False, raising=False)

@@ -20,8 +20,9 @@ opaque node it is.  Counting rules, the same for both paths:
 The ratio eager / fused is therefore a bound on the speed-up of a memory-bound step (what the fused
 kernels can win when bandwidth is the limit), not a measured or predicted time.  Cases: LRSA (with its
 stage's depthwise convs) and one Block of each LRFormer-S stage, forward and forward+backward; the
-LRFormer-S encoder forward; a full training step of the LRFormer-S segmentor (forward, its loss,
-backward, AdamW step).  bf16 tensors throughout, parameters included (with autocast the per-step
+LRFormer-S encoder forward; the LRFormer-S segmentor forward+backward alone (a gradient on its logits);
+a full training step of it (forward, its loss, backward, AdamW step).  Beside the bytes, the FLOPs of
+matrix products and convolutions (:func:`op_flops`), recomputation in the fused ops included.  bf16 tensors throughout, parameters included (with autocast the per-step
 weight casts and fp32 master weights would add the same bytes to both paths).
 """
 from __future__ import annotations
@@ -165,6 +166,39 @@ def _loss_forward_extra(args, out) -> int:
     return 2 * 2 * (-(-labels.numel() // block_p)) * _acc_size(logits)
 
 
+def _irb_forward_extra(args, out) -> int:
+    """Two launches: fc1 (LayerNorm prologue; writes u and the row statistics) and fc2 (reads u once: its 9
+    taps and the output tiles of a row tile hit L1/L2; reads the shortcut, x itself again when none is
+    given), plus the (9, HD) copy of the depthwise weight."""
+    x, wc, shortcut = args[0], args[3], args[12]
+    u = out[1]
+    return tensor_bytes(u) + (tensor_bytes(x) if shortcut is None else 0) + 2 * tensor_bytes(wc)
+
+
+def _fc2_weight_grad_extra(args, out) -> int:
+    """One launch (u's 9 taps from L1/L2, u read once per output-channel tile: the tiles of a pixel chunk run
+    together) writing fp32 partial tiles (splits, C, HD), read by the fixed-order sum; the (9, HD) weight copy."""
+    irb = _kernels("irb")
+    dv, u, wc = args[0], args[1], args[2]
+    with _gpu_tiles():
+        splits = irb._dw2_config(dv.shape[0], dv.shape[1], u.shape[-1], u.device)[5]
+    return 2 * splits * tensor_bytes(out) + 2 * tensor_bytes(wc)
+
+
+def _irb_backward_inner(args) -> "TrafficCounter":
+    """The IRB backward's own sequence (GEMMs by torch.mm, the depthwise conv's recompute and backward ops,
+    the LayerNorm recompute and backward) counted op by op as it runs on the meta device."""
+    inner = TrafficCounter()
+    with inner:
+        _kernels("irb")._backward_impl(*args)
+    return inner
+
+
+def _irb_backward_extra(args, out) -> int:
+    """What :func:`_irb_backward_inner` counts beyond the arguments read once and the gradients written once."""
+    return _irb_backward_inner(args).bytes - _all_bytes(args) - _all_bytes(out)
+
+
 #: ``lrformer::<op>`` -> bytes its kernels move beyond reading each argument and writing each output once.
 FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::pyramid_pool": _no_extra,            # one launch; the grids' overlapping windows hit L2
@@ -183,7 +217,102 @@ FUSED_EXTRA: Dict[str, Callable] = {
     # one launch: the class tiles of a cell are consecutive programs and the two low rows a label row
     # feeds are resident together, so the labels and lse are read from DRAM once, the logits' taps hit L2
     "lrformer::upsampled_cross_entropy_backward": _no_extra,
+    "lrformer::irb": _irb_forward_extra,
+    "lrformer::irb_backward": _irb_backward_extra,
+    "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_extra,
 }
+
+
+# ------------------------------------------------------------------------------ FLOPs (2 per multiply-add)
+# Matrix products and convolutions only (torch.utils.flop_counter's convention, which counts the eager
+# path's aten ops): elementwise work, softmax, pooling and interpolation count nothing on either path.  A
+# fused op counts the products its kernels compute, recomputation included.
+def _attention_flops(B, heads, nq, m, d, products: int) -> int:
+    return products * 2 * B * heads * nq * m * d
+
+
+def _lowres_attention_flops(args, out) -> int:
+    """Forward: q k^T and p v.  (The head count is in the output's row statistics: (B, heads, Nq).)"""
+    q, k = args[0], args[1]
+    B, heads, nq = out[1].shape
+    return _attention_flops(B, heads, nq, k.shape[1], q.shape[-1] // heads, 2)
+
+
+def _lowres_attention_backward_flops(args, out) -> int:
+    """The dQ kernel's two key passes (q k^T and dO v^T for delta, then q k^T, dO v^T and dS k) and the
+    dK/dV kernel (q k^T, dO v^T, p^T dO, dS^T q): 9 products where an unfused backward needs 4 (+2 saved)."""
+    grad_out, q, k, _, row_max = args[:5]
+    B, heads, nq = row_max.shape
+    return _attention_flops(B, heads, nq, k.shape[1], q.shape[-1] // heads, 9)
+
+
+def _dwconv_flops(args, out) -> int:
+    return 2 * 9 * args[0].numel()
+
+
+def _dwconv_backward_flops(args, out) -> int:
+    return 2 * 2 * 9 * args[1].numel()            # d_input (conv transpose) and d_weight
+
+
+def _irb_flops(args, out) -> int:
+    """fc1 and fc2 (2 M C HD each) and the depthwise conv, recomputed for every fc2 output tile."""
+    irb = _kernels("irb")
+    x, w1 = args[0], args[1]
+    C, HD = x.shape[-1], w1.shape[0]
+    M = x.numel() // C
+    with _gpu_tiles():
+        bn = irb._config("fc2", M, C, HD)[1]
+    return 2 * 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn))
+
+
+def _fc2_weight_grad_flops(args, out) -> int:
+    """dv^T a (2 M C HD) and the depthwise conv recomputed for every output-channel tile."""
+    irb = _kernels("irb")
+    dv, u = args[0], args[1]
+    M, C, HD = dv.shape[0], dv.shape[1], u.shape[-1]
+    with _gpu_tiles():
+        bn = irb._dw2_config(M, C, HD, u.device)[1]
+    return 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn))
+
+
+def _irb_backward_flops(args, out) -> int:
+    return _irb_backward_inner(args).flops
+
+
+def _no_flops(args, out) -> int:
+    return 0
+
+
+#: ``lrformer::<op>`` -> its FLOPs; an op not listed computes no matrix products (pooling, resizing, the
+#: loss, the decoders' sampling ops are not in the traffic cases)
+FUSED_FLOPS: Dict[str, Callable] = {
+    "lrformer::lowres_attention": _lowres_attention_flops,
+    "lrformer::lowres_attention_backward": _lowres_attention_backward_flops,
+    "lrformer::dwconv3x3": _dwconv_flops,
+    "lrformer::dwconv3x3_backward": _dwconv_backward_flops,
+    "lrformer::irb": _irb_flops,
+    "lrformer::irb_backward": _irb_backward_flops,
+    "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_flops,
+}
+
+
+def _convolution_backward_flops(args) -> int:
+    """d_input and d_weight (as output_mask asks) each cost the forward's products, groups respected
+    (torch.utils.flop_counter's formula ignores groups: it counts a depthwise conv's backward C times)."""
+    grad_out, weight, mask = args[0], args[2], args[10]
+    one = 2 * grad_out.numel() * weight[0].numel()
+    return one * (int(mask[0]) + int(mask[1]))
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """FLOPs of one dispatched op: torch.utils.flop_counter's formula for aten ops, :data:`FUSED_FLOPS` for ours."""
+    if func.namespace == "lrformer":
+        return FUSED_FLOPS.get(func.name(), _no_flops)(args, out)
+    if func._overloadpacket is torch.ops.aten.convolution_backward:
+        return _convolution_backward_flops(args)
+    from torch.utils.flop_counter import flop_registry
+    formula = flop_registry.get(func._overloadpacket)
+    return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
 
 
 @contextlib.contextmanager
@@ -205,6 +334,7 @@ class TrafficCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.flops = 0                    # matrix-product and convolution FLOPs (see op_flops)
         self.ops = 0                      # dispatched ops that move bytes (aten ops and fused ops)
         self.by_op: Counter = Counter()
 
@@ -212,6 +342,7 @@ class TrafficCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         n = op_bytes(func, args, kwargs, out)
+        self.flops += op_flops(func, args, kwargs, out)
         if n is not None:
             self.bytes += n
             self.ops += 1
@@ -301,6 +432,16 @@ def _train_run(img, batch):
     return run
 
 
+def _model_run(img, batch):
+    """The segmentor alone, forward and backward (a gradient on its stride-8 logits): the step without its
+    loss and optimizer, whose bytes would dilute the model's ratio."""
+    def run(model):
+        model.train()
+        logits = model(torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16))
+        logits.backward(torch.empty_like(logits))
+    return run
+
+
 def traffic_row(build: Callable, run: Callable) -> dict:
     """The row of one case: bytes, GB, dispatched ops of each path, their ratio, the eager path's top ops."""
     eager, fused = _count(build, run, False), _count(build, run, True)
@@ -309,7 +450,9 @@ def traffic_row(build: Callable, run: Callable) -> dict:
     return dict(eager_bytes=eager.bytes, fused_bytes=fused.bytes, eager_gb=round(eager.bytes / 1e9, 4),
                 fused_gb=round(fused.bytes / 1e9, 4), ratio=round(eager.bytes / fused.bytes, 3),
                 eager_ops=eager.ops, fused_ops=fused.ops, eager_top_gb=top,
-                fused_op_gb=round(sum(b for op, b in fused.by_op.items() if op.startswith("lrformer::")) / 1e9, 4))
+                fused_op_gb=round(sum(b for op, b in fused.by_op.items() if op.startswith("lrformer::")) / 1e9, 4),
+                eager_gflop=round(eager.flops / 1e9, 2), fused_gflop=round(fused.flops / 1e9, 2),
+                flop_ratio=round(fused.flops / eager.flops, 3) if eager.flops else None)
 
 
 def traffic_cases(cfg: Config) -> List[Case]:
@@ -332,6 +475,9 @@ def traffic_cases(cfg: Config) -> List[Case]:
         key = dict(base, case="LRFormer-S encoder", mode="fwd", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
             lambda: create_encoder("s"), _encoder_run(img, B)), essential=True))
+        key = dict(base, case="LRFormer-S segmentor", mode="fwd+bwd", shape=f"{B}x3x{img[0]}x{img[1]}")
+        cases.append(Case("traffic", key, lambda img=img: traffic_row(
+            lambda: create_model("lrformer_s", num_classes=150), _model_run(img, B)), essential=True))
         key = dict(base, case="LRFormer-S training step", mode="fwd+bwd+AdamW", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
             lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B)), essential=True))

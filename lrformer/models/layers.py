@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrformer_kernels import Fusable, branch_scale, bilinear_resize, lrsa_grids, lrsa_low, pyramid_sizes
+from lrformer_kernels import Fusable, bilinear_resize, lrsa_grids, lrsa_low, pyramid_sizes
 
 
 def nchw(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +75,11 @@ class IRB(Fusable, nn.Module):
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def parameters_2d(self):
+        """(w1, b1, wc, bc, w2, b2): the 1x1 convs as matrices, the depthwise conv as stored (for ``ops.irb``)."""
+        return (conv_weight_2d(self.fc1), self.fc1.bias, self.conv.weight, self.conv.bias, conv_weight_2d(self.fc2),
+                self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         h = F.linear(x, conv_weight_2d(self.fc1), self.fc1.bias)
@@ -140,7 +145,7 @@ class Block(Fusable, nn.Module):
     """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
 
     x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x)));
-    x = x + drop_path(ls2 * IRB(norm2(x))).  Tokens-last in and out.
+    x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm included).  Tokens-last in and out.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
@@ -174,6 +179,9 @@ class Block(Fusable, nn.Module):
         x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
         low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
         x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
-        h = self.mlp(self.norm(self.norm2, x))
-        s = branch_scale(self.layer_scale_2, self.drop_path.keep(x), x.shape[0], x.shape[-1], h)
-        return x + (h if s is None else h * s)
+        keep = self.drop_path.keep(x)
+        if isinstance(self.norm2, nn.LayerNorm) and self.norm2.weight is not None:   # norm2 inside the op
+            return self.ops.irb(x, *self.mlp.parameters_2d(), self.layer_scale_2, keep, self.norm2.weight,
+                                self.norm2.bias, self.norm2.eps)
+        return self.ops.irb(self.norm(self.norm2, x), *self.mlp.parameters_2d(), self.layer_scale_2, keep,
+                            shortcut=x)

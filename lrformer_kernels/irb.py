@@ -1,0 +1,500 @@
+"""Fused IRB branch of an LRFormer block (the inverted-residual FFN with its norm, layer scale, drop path
+and block residual), forward and backward:
+
+    xn  = layer_norm(x) (norm2 of an encoder block) or x (already normalised, e.g. by a BatchNorm)
+    u   = xn @ w1^T + b1                              fc1 (1x1 conv)            (M, HD), HD = ratio * C
+    a   = gelu(u) + dwconv3x3(gelu(u)) + bc           the IRB's depthwise conv with its residual
+    out = shortcut + scale[c] * keep[b] * (a @ w2^T + b2)      fc2 (1x1 conv), layer scale, drop path
+
+x ``(B, H, W, C)`` tokens-last; ``shortcut`` is x itself unless given (the pre-BatchNorm map of an LRHead
+block).  Reference math: :func:`irb_reference` (what the model's Block computes step by step).
+
+Design (two kernels forward; the hidden map written once and read once)
+-----------------------------------------------------------------------
+* ``_irb_fc1_kernel``: a GEMM tile (``BLOCK_M`` pixels x ``BLOCK_N`` hidden channels) whose prologue is
+  the LayerNorm: per-row mean and variance in two passes over the row tile (from L2: the hidden tiles of
+  a row tile are consecutive programs), the normalised tile cast to the hidden dtype for ``tl.dot``; the
+  epilogue adds b1 and writes the pre-activation ``u`` (the only hidden map stored: the backward's
+  GELU derivative needs it) and, once per row, the LayerNorm mean and 1/std (fp32) for the backward.
+* ``_irb_fc2_kernel``: a GEMM tile (``BLOCK_M`` pixels x ``BLOCK_N`` output channels) whose A operand
+  is computed on the fly, ``BLOCK_K`` hidden channels at a time: the 9 taps of ``u`` (shifted masked
+  loads, L1/L2 hits, GELU per tap, as ``dwconv3x3``) + the depthwise weights, residual and bias; the
+  epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
+  written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
+  A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
+* Backward: the GEMMs run as ``torch.mm`` (cuBLAS) on the hidden-wide maps, the depthwise part as the
+  ``dwconv3x3`` backward kernel (GELU derivative, conv transpose, weight partials in one pass); the
+  normalised input is recomputed from x and the saved statistics, never stored.  Deterministic.
+* The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
+  ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
+  for fp32 (no TF32, as PyTorch's default matmul).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, cdiv, check_tensor, device_guard, launch_options,
+                      needs_int64, new_empty, next_pow2, num_sms, tl_acc, use_kernel)
+from .dwconv import dwconv3x3_reference
+from .upsample_residual import branch_scale
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .dwconv import _load_tap, _load_w, _pixels
+
+__all__ = ["irb", "irb_reference"]
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _fc2_input(u_ptr, wc_ptr, bc_ptr, idx, cs, pmask, rt, rb, wl, wr, cmask, W, HD,
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fc2's input ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, for pixels ``idx`` x hidden channels ``cs``:
+        the 9 taps of u are shifted masked loads (L1/L2 hits), GELU'd per tap as ``dwconv3x3`` does."""
+        up = u_ptr + idx[:, None] * HD + cs[None, :]
+        a = tl.zeros([BLOCK_M, BLOCK_K], ACC)
+        for ky in tl.static_range(3):
+            for kx in tl.static_range(3):
+                v = _load_tap(up, pmask, rt, rb, wl, wr, cmask, W * HD, HD, ky - 1, kx - 1, True, ACC)
+                a += v * _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC)
+                if ky == 1:
+                    if kx == 1:
+                        a += v
+        return a + tl.load(bc_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :]
+
+    @triton.jit
+    def _irb_fc1_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, u_ptr, mean_ptr, rstd_ptr, M, C, HD, eps,
+                        LAYER_NORM: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)        # hidden tiles fastest: the programs of one row tile run together
+        pid_m = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if INT64:
+            rm = rm.to(tl.int64)
+            rn = rn.to(tl.int64)
+        mmask = rm < M
+        nmask = rn < HD
+        xrow = x_ptr + rm[:, None] * C
+        DT = u_ptr.dtype.element_ty
+        if LAYER_NORM:
+            s1 = tl.zeros([BLOCK_M], ACC)
+            for k0 in range(0, C, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                m2 = mmask[:, None] & (rk < C)[None, :]
+                s1 += tl.sum(tl.load(xrow + rk[None, :], mask=m2, other=0.0).to(ACC), axis=1)
+            mean = s1 / C
+            s2 = tl.zeros([BLOCK_M], ACC)
+            for k0 in range(0, C, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                m2 = mmask[:, None] & (rk < C)[None, :]
+                d = tl.where(m2, tl.load(xrow + rk[None, :], mask=m2, other=0.0).to(ACC) - mean[:, None], 0.0)
+                s2 += tl.sum(d * d, axis=1)
+            rstd = 1.0 / tl.sqrt(s2 / C + eps)
+            if pid_n == 0:
+                tl.store(mean_ptr + rm, mean, mask=mmask)
+                tl.store(rstd_ptr + rm, rstd, mask=mmask)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for k0 in range(0, C, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            kmask = rk < C
+            xk = tl.load(xrow + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0).to(ACC)
+            if LAYER_NORM:
+                g = tl.load(lnw_ptr + rk, mask=kmask, other=0.0).to(ACC)
+                bb = tl.load(lnb_ptr + rk, mask=kmask, other=0.0).to(ACC)
+                xk = (xk - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :]
+            wk = tl.load(w_ptr + rn[None, :] * C + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(xk.to(DT), wk.to(DT), input_precision=DOT_PREC).to(ACC)
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
+        tl.store(u_ptr + rm[:, None] * HD + rn[None, :], acc.to(DT), mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _irb_fc2_kernel(u_ptr, wc_ptr, bc_ptr, w_ptr, b_ptr, scale_ptr, keep_ptr, res_ptr, out_ptr, v_ptr,
+                        M, H, W, HD, C,
+                        HAS_SCALE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_V: tl.constexpr,
+                        INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)        # output tiles fastest: they share the u tile (from L2)
+        pid_m = tl.program_id(1)
+        idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if INT64:
+            idx = idx.to(tl.int64)
+            rn = rn.to(tl.int64)
+        b, h, w, pmask, rt, rb, wl, wr = _pixels(idx, M, H, W)
+        nmask = rn < C
+        DT = u_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for k0 in range(0, HD, BLOCK_K):
+            cs = k0 + tl.arange(0, BLOCK_K)
+            if INT64:
+                cs = cs.to(tl.int64)
+            cmask = cs < HD
+            a = _fc2_input(u_ptr, wc_ptr, bc_ptr, idx, cs, pmask, rt, rb, wl, wr, cmask, W, HD, ACC, BLOCK_M, BLOCK_K)
+            wk = tl.load(w_ptr + rn[None, :] * HD + cs[:, None], mask=cmask[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(a.to(DT), wk.to(DT), input_precision=DOT_PREC).to(ACC)
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
+        m2 = pmask[:, None] & nmask[None, :]
+        offs = idx[:, None] * C + rn[None, :]
+        if STORE_V:
+            tl.store(v_ptr + offs, acc.to(v_ptr.dtype.element_ty), mask=m2)
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
+        if HAS_KEEP:
+            acc *= tl.load(keep_ptr + b, mask=pmask, other=0.0).to(ACC)[:, None]
+        acc += tl.load(res_ptr + offs, mask=m2, other=0.0).to(ACC)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+    @triton.jit
+    def _irb_dw2_kernel(dv_ptr, u_ptr, wc_ptr, bc_ptr, part_ptr, M, H, W, HD, C, iters,
+                        INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fc2's weight gradient dv^T a with a recomputed from u (never stored): a program owns a
+        (BLOCK_N output channels x BLOCK_K hidden channels) tile and ``iters`` pixel chunks; it writes one fp32
+        partial tile, summed over the programs afterwards in a fixed order."""
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        cs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        start = pid_s * iters * BLOCK_M
+        if INT64:
+            cs = cs.to(tl.int64)
+            rn = rn.to(tl.int64)
+            start = start.to(tl.int64)
+        cmask = cs < HD
+        nmask = rn < C
+        DT = u_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+        for it in range(0, iters):
+            idx = start + it * BLOCK_M + tl.arange(0, BLOCK_M)
+            b, h, w, pmask, rt, rb, wl, wr = _pixels(idx, M, H, W)
+            a = _fc2_input(u_ptr, wc_ptr, bc_ptr, idx, cs, pmask, rt, rb, wl, wr, cmask, W, HD, ACC, BLOCK_M, BLOCK_K)
+            dvt = tl.load(dv_ptr + idx[None, :] * C + rn[:, None], mask=nmask[:, None] & pmask[None, :], other=0.0)
+            acc += tl.dot(dvt.to(DT), a.to(DT), input_precision=DOT_PREC).to(ACC)
+        tl.store(part_ptr + pid_s * C * HD + rn[:, None] * HD + cs[None, :], acc,
+                 mask=nmask[:, None] & cmask[None, :])
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+#: GPU tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel, from ptxas on sm_90 / sm_80 (the
+#: compile gate): fc1 with 32-deep K tiles spills in fp32 (the FMA dot), fc2 builds its A operand (9
+#: GELU'd taps per element) in registers and spills with 64-row tiles in bf16; these use <= 230 registers.
+GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 128, 16, 8, 1)}
+#: fc2's weight gradient: about this many programs per SM in all (each walks ``iters`` pixel chunks and
+#: writes one fp32 partial tile; partials = programs * BLOCK_N * BLOCK_K * 4 bytes, ~4 MB on an H100)
+PROGRAMS_PER_SM = 8
+
+
+def _config(kind: str, m: int, n: int, k: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a GEMM of m rows, output width n, depth k."""
+    bm, bn, bk, warps, stages = GPU_CONFIG[kind]
+    if big_interpreter_tiles():             # the interpreter: few, big programs
+        bm, bn, bk = 128, 256, 256
+    bm = max(16, min(bm, next_pow2(m)))
+    bn = max(16, min(bn, next_pow2(n)))
+    bk = max(16, min(bk, next_pow2(k)))
+    return bm, bn, bk, warps, stages
+
+
+def _dw2_config(M: int, C: int, HD: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, iters, splits) of fc2's weight-gradient kernel."""
+    bm, bn, bk, warps, _ = _config("dw2", M, C, HD)
+    tiles = cdiv(C, bn) * cdiv(HD, bk)
+    chunks = cdiv(M, bm)
+    iters = cdiv(chunks, max(1, PROGRAMS_PER_SM * num_sms(device) // tiles))
+    return bm, bn, bk, warps, iters, cdiv(chunks, iters)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
+                    store_v):
+    B, H, W, C = x.shape
+    HD = w1.shape[0]
+    M = B * H * W
+    acc = acc_dtype(x.dtype)
+    x2 = x.contiguous()
+    res = x2 if shortcut is None else shortcut.contiguous()
+    u = new_empty((B, H, W, HD), hidden_dtype, x.device)
+    mean, rstd = (new_empty((B, H, W), acc, x.device) for _ in range(2))
+    out = new_empty((B, H, W, C), x.dtype, x.device)
+    v = new_empty((B, H, W, C), x.dtype, x.device) if store_v else out
+    ln = norm_weight is not None
+    int64 = needs_int64(x2, u, res)
+    bm, bn, bk, warps, stages = _config("fc1", M, HD, C)
+    with device_guard(x):
+        _irb_fc1_kernel[(cdiv(HD, bn), cdiv(M, bm))](
+            x2, norm_weight if ln else b1, norm_bias if ln else b1, w1, b1, u, mean, rstd, M, C, HD, float(eps),
+            LAYER_NORM=ln, INT64=int64, ACC=tl_acc(x.dtype), DOT_PREC=_dot_precision(hidden_dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **launch_options())
+        w9 = wc.reshape(HD, 9).t().contiguous()
+        bm, bn, bk, warps, stages = _config("fc2", M, C, HD)
+        _irb_fc2_kernel[(cdiv(C, bn), cdiv(M, bm))](
+            u, w9, bc, w2, b2, scale if scale is not None else b2, keep if keep is not None else b2, res, out, v,
+            M, H, W, HD, C, HAS_SCALE=scale is not None, HAS_KEEP=keep is not None, STORE_V=store_v,
+            INT64=int64, ACC=tl_acc(x.dtype), DOT_PREC=_dot_precision(hidden_dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **launch_options())
+    return out, u, mean, rstd, (v if store_v else x.new_empty((0,)))
+
+
+def _fc2_weight_grad_triton(dv, u, wc, bc):
+    B, H, W, HD = u.shape
+    C = dv.shape[-1]
+    M = B * H * W
+    bm, bn, bk, warps, iters, splits = _dw2_config(M, C, HD, u.device)
+    part = new_empty((splits, C, HD), acc_dtype(u.dtype), u.device)
+    w9 = wc.reshape(HD, 9).t().contiguous()
+    with device_guard(u):
+        _irb_dw2_kernel[(cdiv(HD, bk), cdiv(C, bn), splits)](
+            dv, u, w9, bc, part, M, H, W, HD, C, iters, INT64=needs_int64(dv, u, part), ACC=tl_acc(u.dtype),
+            DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+            **launch_options())
+    return part.sum(0)                     # fixed-order reduction over the programs: deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def irb_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch.Tensor,
+                  bc: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+                  scale: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None,
+                  norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
+                  eps: float = 1e-6, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference math of an LRFormer block's second half, tokens-last (B, H, W, C):
+    ``shortcut + scale * keep * fc2(h + dwconv(h)), h = gelu(fc1(layer_norm(x)))``.
+
+    w1 (HD, C) and w2 (C, HD): the 1x1 convs as matrices; wc (HD, 1, 3, 3), bc (HD,): the depthwise conv;
+    scale (C,) layer scale or None; keep (B,) drop-path factor or None; norm_weight/norm_bias (C,) a
+    LayerNorm's affine parameters (None: x is used as is); shortcut: the residual (default x).
+    """
+    B, C = x.shape[0], x.shape[-1]
+    xn = F.layer_norm(x, (C,), norm_weight, norm_bias, eps) if norm_weight is not None else x
+    h = F.linear(xn, w1, b1)
+    h = dwconv3x3_reference(h, wc, bc, gelu=True, residual=True)
+    h = F.linear(h, w2, b2)
+    s = branch_scale(scale, keep, B, C, h)
+    res = x if shortcut is None else shortcut
+    return res + (h if s is None else h * s)
+
+
+def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
+                       store_v):
+    """The op's outputs (out, u, mean, rstd, v) by PyTorch (CPU without the interpreter)."""
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    if norm_weight is not None:
+        var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
+        rstd = torch.rsqrt(var + eps)
+        xn = ((xa - mean[..., None]) * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc))
+    else:
+        mean, rstd = xa.new_zeros((B, H, W)), xa.new_zeros((B, H, W))
+        xn = xa
+    u = F.linear(xn.to(hidden_dtype), w1.to(hidden_dtype), b1.to(hidden_dtype))
+    a = dwconv3x3_reference(u.to(acc), wc.to(acc), bc.to(acc), gelu=True, residual=True)
+    v = F.linear(a.to(hidden_dtype), w2.to(hidden_dtype)).to(acc) + b2.to(acc)
+    s = branch_scale(None if scale is None else scale.to(acc), None if keep is None else keep.to(acc), B, C, v)
+    res = (x if shortcut is None else shortcut).to(acc)
+    out = (res + (v if s is None else v * s)).to(x.dtype)
+    return out, u, mean, rstd, (v.to(x.dtype) if store_v else x.new_empty((0,)))
+
+
+def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps,
+                   has_shortcut: bool, need_scale: bool):
+    """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias, dshortcut).  The GEMMs by
+    torch.mm in the hidden dtype except fc2's weight gradient (:func:`irb_fc2_weight_grad`: its input
+    recomputed from u, never stored), the depthwise backward by the dwconv3x3 op (GELU derivative, conv
+    transpose, weight partials in one pass), the normalised input recomputed from x and the saved
+    statistics, d_b1 as a column of the d_w1 product, the LayerNorm backward by ATen's fused kernel."""
+    B, H, W, C = x.shape
+    HD = w1.shape[0]
+    M = B * H * W
+    hd, acc = u.dtype, acc_dtype(x.dtype)
+    s = branch_scale(scale, keep, B, C, dy)
+    dv = (dy if s is None else dy * s).reshape(M, C).to(hd)
+    dscale = None
+    if need_scale:
+        kv = v if keep is None else v * keep.to(v.dtype).reshape(B, 1, 1, 1)
+        dscale = (dy * kv).sum((0, 1, 2), dtype=acc).to(scale.dtype)
+    db2 = dv.sum(0, dtype=acc).to(b2.dtype)
+    da = torch.mm(dv, w2.to(hd)).reshape(B, H, W, HD)
+    dw2 = torch.ops.lrformer.irb_fc2_weight_grad(dv, u, wc, bc).to(w2.dtype)
+    du, dwc, dbc = torch.ops.lrformer.dwconv3x3_backward(da, u, wc, bc, True, True)
+    du = du.reshape(M, HD)
+    dxn = torch.mm(du, w1.to(hd)).reshape(B, H, W, C)
+    dnw = dnb = None
+    if norm_weight is not None:
+        stats = (mean.unsqueeze(-1), rstd.unsqueeze(-1))
+        xn = F.layer_norm(x, (C,), norm_weight.to(x.dtype), norm_bias.to(x.dtype), eps).to(hd)
+        # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
+        ln = x.dtype if x.device.type in ("cuda", "meta") else acc
+        dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
+            dxn.to(ln), x.to(ln), [C], *stats, norm_weight.to(ln), norm_bias.to(ln), [True, True, True])
+        dx, dnw, dnb = dx.to(x.dtype), dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype)
+    else:
+        xn = x.to(hd)
+        dx = dxn.to(x.dtype)
+    # d_w1 and d_b1 in one pass over du: a column of ones after the normalised input
+    dwb = torch.mm(du.t(), torch.cat([xn.reshape(M, C), xn.new_ones((M, 1))], 1))
+    dw1, db1 = dwb[:, :C].to(w1.dtype, copy=True), dwb[:, C].to(b1.dtype, copy=True)
+    dshortcut = None
+    if has_shortcut:
+        dshortcut = dy.clone()
+    else:
+        dx = dx + dy
+    return (dx, dw1, db1, dwc.to(wc.dtype), dbc.to(bc.dtype), dw2, db2, dscale, dnw, dnb, dshortcut)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("lrformer::irb", mutates_args=())
+def _irb_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
+            w2: torch.Tensor, b2: torch.Tensor, scale: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+            norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float,
+            shortcut: Optional[torch.Tensor], hidden_dtype: torch.dtype,
+            store_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, u = fc1 output (B, H, W, HD), LayerNorm mean and 1/std (B, H, W), fc2 output v or empty)."""
+    fn = _forward_triton if use_kernel(x) else _forward_reference
+    return fn(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v)
+
+
+@_irb_op.register_fake
+def _(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v):
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((B, H, W, w1.shape[0]), dtype=hidden_dtype),
+            x.new_empty((B, H, W), dtype=acc), x.new_empty((B, H, W), dtype=acc),
+            x.new_empty(x.shape if store_v else (0,)))
+
+
+@torch.library.custom_op("lrformer::irb_fc2_weight_grad", mutates_args=())
+def irb_fc2_weight_grad(dv: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
+    """``dv^T @ a`` (C, HD) in the math dtype, ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``: fc2's weight
+    gradient with its input recomputed from the stored pre-activation ``u`` (B, H, W, HD); dv (M, C)."""
+    if use_kernel(u):
+        return _fc2_weight_grad_triton(dv, u, wc, bc)
+    acc = acc_dtype(u.dtype)
+    a = dwconv3x3_reference(u.to(acc), wc.to(acc), bc.to(acc), gelu=True, residual=True)
+    return torch.mm(dv.t().to(u.dtype), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc)
+
+
+@irb_fc2_weight_grad.register_fake
+def _(dv, u, wc, bc):
+    return u.new_empty((dv.shape[-1], u.shape[-1]), dtype=acc_dtype(u.dtype))
+
+
+@torch.library.custom_op("lrformer::irb_backward", mutates_args=())
+def _irb_backward_op(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                     v: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
+                     w2: torch.Tensor, b2: torch.Tensor, scale: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float,
+                     has_shortcut: bool, need_scale: bool) -> list[torch.Tensor]:
+    """The gradients of :func:`_backward_impl`; one that does not exist is an empty (0,) tensor."""
+    grads = _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps,
+                           has_shortcut, need_scale)
+    return [g if g is not None else x.new_empty((0,)) for g in grads]
+
+
+@_irb_backward_op.register_fake
+def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, has_shortcut,
+      need_scale):
+    def like(t, on=True):
+        return t.new_empty(t.shape) if (t is not None and on) else x.new_empty((0,))
+    return [like(x), like(w1), like(b1), like(wc), like(bc), like(w2), like(b2), like(scale, need_scale),
+            like(norm_weight), like(norm_bias), like(x, has_shortcut)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v = inputs
+    _, u, mean, rstd, v = output
+    ctx.save_for_backward(x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias)
+    ctx.mark_non_differentiable(u, mean, rstd, v)
+    ctx.set_materialize_grads(False)       # no zero-filled gradients for the non-differentiable outputs
+    ctx.eps = eps
+    ctx.has_shortcut = shortcut is not None
+    ctx.need_scale = store_v
+
+
+def _backward(ctx, dy, _du, _dmean, _drstd, _dv):
+    x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias = ctx.saved_tensors
+    if dy is None:                          # only the non-differentiable outputs were used
+        return (None,) * 15
+    g = _irb_backward_op(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
+                         ctx.eps, ctx.has_shortcut, ctx.need_scale)
+    dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnw, dnb, dshortcut = g
+    return (dx, dw1, db1, dwc, dbc, dw2, db2, dscale if ctx.need_scale else None, None,
+            dnw if norm_weight is not None else None, dnb if norm_weight is not None else None, None,
+            dshortcut if ctx.has_shortcut else None, None, None)
+
+
+_irb_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+def _hidden_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM operand dtype: the autocast dtype under autocast (as F.linear would cast), else x's."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def irb(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch.Tensor, bc: Optional[torch.Tensor],
+        w2: torch.Tensor, b2: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
+        keep: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+        norm_bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+        shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The IRB branch of an LRFormer block fused: ``shortcut + scale * keep * IRB(layer_norm(x))`` (see the
+    module docstring and :func:`irb_reference` for the arguments).  x ``(B, H, W, C)``; returns a new
+    contiguous ``(B, H, W, C)`` tensor in x's dtype.  Differentiable in x, the weights, biases, layer
+    scale, LayerNorm parameters and shortcut; deterministic."""
+    check_tensor(x, "x", ndim=4)
+    B, H, W, C = x.shape
+    pd = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    check_tensor(w1, "w1", ndim=2, dtypes=pd, device=x.device)
+    HD = w1.shape[0]
+    if w1.shape[1] != C:
+        raise ValueError(f"w1 must be (hidden, C) = (*, {C}) for x of shape {tuple(x.shape)}, got {tuple(w1.shape)}")
+    check_tensor(wc, "wc", ndim=4, dtypes=pd, device=x.device)
+    if tuple(wc.shape) != (HD, 1, 3, 3):
+        raise ValueError(f"wc must have shape (hidden, 1, 3, 3) = {(HD, 1, 3, 3)}, got {tuple(wc.shape)}")
+    check_tensor(w2, "w2", ndim=2, dtypes=pd, device=x.device)
+    if tuple(w2.shape) != (C, HD):
+        raise ValueError(f"w2 must have shape (C, hidden) = {(C, HD)}, got {tuple(w2.shape)}")
+    for name, t, n in (("b1", b1, HD), ("bc", bc, HD), ("b2", b2, C), ("scale", scale, C), ("norm_weight", norm_weight, C),
+                       ("norm_bias", norm_bias, C), ("keep", keep, B)):
+        if t is not None:
+            check_tensor(t, name, ndim=1, dtypes=pd, device=x.device)
+            if t.shape[0] != n:
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError("norm_weight and norm_bias must be given together (a LayerNorm's affine parameters)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if shortcut is not None:
+        check_tensor(shortcut, "shortcut", ndim=4, device=x.device, dtype=x.dtype)
+        if shortcut.shape != x.shape:
+            raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
+    zeros = {n: torch.zeros(k, dtype=w1.dtype, device=x.device) for n, k in (("b1", HD), ("bc", HD), ("b2", C))}
+    store_v = scale is not None and scale.requires_grad and torch.is_grad_enabled()
+    return _irb_op(x, w1, b1 if b1 is not None else zeros["b1"], wc, bc if bc is not None else zeros["bc"], w2,
+                   b2 if b2 is not None else zeros["b2"], scale, keep, norm_weight, norm_bias, float(eps), shortcut,
+                   _hidden_dtype(x), store_v)[0]

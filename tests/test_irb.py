@@ -1,0 +1,169 @@
+"""Fused IRB branch (LayerNorm + fc1 + GELU + depthwise conv + fc2 + layer scale + drop path + residual): the
+kernels vs the float64 reference, forward and backward."""
+import importlib
+
+import pytest
+import torch
+
+import lrformer_kernels._common as common
+from conftest import TOL, devices, dtypes_for, rel_err
+from lrformer.factory import VARIANTS
+from lrformer_kernels import irb, irb_reference
+
+mod = importlib.import_module("lrformer_kernels.irb")
+ENCODER_RATIOS = (8, 8, 4, 4)
+
+
+def _make(B, H, W, C, HD, device, dtype, ln=True, scale=True, keep=True, shortcut=False, pdtype=None):
+    pdtype = pdtype or dtype
+    g = lambda *s, dt=pdtype: torch.randn(*s, device=device, dtype=dt)  # noqa: E731
+    p = dict(w1=g(HD, C) / C ** 0.5, b1=g(HD), wc=g(HD, 1, 3, 3) / 3, bc=g(HD), w2=g(C, HD) / HD ** 0.5, b2=g(C),
+             scale=g(C) if scale else None, norm_weight=1 + 0.1 * g(C) if ln else None,
+             norm_bias=g(C) if ln else None)
+    keep_t = None
+    if keep:  # a dropped sample (0) among kept ones (1 / keep_prob)
+        keep_t = torch.full((B,), 1 / 0.8, device=device, dtype=pdtype)
+        keep_t[B // 2] = 0.0
+    x = 2 + 3 * g(B, H, W, C, dt=dtype)        # a non-zero mean: the LayerNorm's two-pass statistics
+    sc = g(B, H, W, C, dt=dtype) if shortcut else None
+    return x, p, keep_t, sc
+
+
+def _check(B, H, W, C, HD, device, dtype, **kw):
+    x, p, keep, sc = _make(B, H, W, C, HD, device, dtype, **kw)
+    leaves = {"x": x, **{k: v for k, v in p.items() if v is not None}}
+    if sc is not None:
+        leaves["shortcut"] = sc
+    for t in leaves.values():
+        t.requires_grad_(True)
+    out = irb(x, p["w1"], p["b1"], p["wc"], p["bc"], p["w2"], p["b2"], p["scale"], keep, p["norm_weight"],
+              p["norm_bias"], 1e-6, sc)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    gy = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(leaves.values()), gy)
+    r = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+    ref = irb_reference(r["x"], r["w1"], r["b1"], r["wc"], r["bc"], r["w2"], r["b2"], r.get("scale"),
+                        None if keep is None else keep.double(), r.get("norm_weight"), r.get("norm_bias"), 1e-6,
+                        r.get("shortcut"))
+    want = torch.autograd.grad(ref, list(r.values()), gy.double())
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, ("out", rel_err(out, ref))
+    for name, a, b in zip(leaves, got, want):
+        assert a.dtype == leaves[name].dtype and a.shape == leaves[name].shape, name
+        assert rel_err(a, b) < (tol if name != "scale" else 10 * tol), (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 4, 3), (2, 1, 1), (1, 9, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_shapes(device, shape):
+    """Odd / non-square maps, a single pixel, batch 1 and 3; drop path + layer scale on."""
+    for dtype in dtypes_for(device):
+        _check(*shape, 24, 96, device, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_every_stage_width_and_ratio(device):
+    """Every encoder stage width of T/S/B/L with its hidden ratio, and every LRHead width (ratio 4, a
+    BatchNorm'd input: no LayerNorm inside, the shortcut given), on a 2x3x2 map."""
+    dtype = dtypes_for(device)[0]
+    widths = {(c, c * r) for v in ("t", "s", "b", "l") for c, r in zip(VARIANTS[v]["embed_dims"], ENCODER_RATIOS)}
+    for C, HD in sorted(widths):
+        _check(2, 3, 2, C, HD, device, dtype, scale=C >= 240)
+    for C in sorted({VARIANTS[v]["head_channels"] for v in ("t", "s", "b", "l")}):
+        _check(1, 2, 3, C, 4 * C, device, dtype, ln=False, shortcut=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("ln,scale,keep,shortcut", [(True, False, False, False), (False, True, False, True),
+                                                    (True, True, False, False), (False, False, True, False)])
+def test_options(device, ln, scale, keep, shortcut):
+    for dtype in dtypes_for(device):
+        _check(2, 6, 5, 20, 40, device, dtype, ln=ln, scale=scale, keep=keep, shortcut=shortcut)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gpu_tiles_and_int64(device, monkeypatch):
+    """The CUDA dispatch's tiles (several row, hidden and output tiles, partial ones) and the int64 path."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    for dtype in dtypes_for(device):
+        _check(1, 9, 11, 80, 160, device, dtype)
+        monkeypatch.setattr(mod, "needs_int64", lambda *t: True)
+        _check(2, 3, 5, 24, 48, device, dtype, ln=False, shortcut=True)
+        monkeypatch.setattr(mod, "needs_int64", common.needs_int64)
+
+
+def test_fp16_twin_and_autocast_dtypes():
+    """The half-precision path (bf16's fp16 twin: the interpreter's bf16 dot is wrong): fp16 maps with fp32
+    parameters; and fp32 maps with fp16 GEMM operands (what autocast asks for), against float64."""
+    _check(2, 5, 4, 16, 64, "cpu", torch.float16, pdtype=torch.float32)
+    x, p, keep, _ = _make(1, 4, 5, 16, 32, "cpu", torch.float32)
+    args = (x, p["w1"], p["b1"], p["wc"], p["bc"], p["w2"], p["b2"], p["scale"], keep, p["norm_weight"], p["norm_bias"])
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert mod._hidden_dtype(x) == torch.float16
+        out = irb(*args)
+    ref = irb_reference(*(a.double() if a is not None else None for a in args))
+    assert out.dtype == torch.float32 and rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_reference_fallback_path(monkeypatch):
+    monkeypatch.setattr(mod, "use_kernel", lambda *t: False)
+    for dtype in (torch.float64, torch.float32):
+        _check(2, 5, 3, 16, 48, "cpu", dtype)
+        _check(1, 3, 4, 16, 32, "cpu", dtype, ln=False, shortcut=True)
+
+
+def test_gradcheck_and_opcheck():
+    x, p, keep, _ = _make(1, 3, 2, 4, 8, "cpu", torch.float64)
+    ps = [p[k].requires_grad_(True) for k in ("w1", "b1", "wc", "bc", "w2", "b2", "scale", "norm_weight", "norm_bias")]
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: irb(a[0], *a[1:7], a[7], keep, a[8], a[9]), (x, *ps), eps=1e-6,
+                                    atol=1e-6, fast_mode=True)
+    args = (x, *ps[:7], keep, ps[7], ps[8], 1e-6, None, torch.float64, True)
+    torch.library.opcheck(torch.ops.lrformer.irb, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_fc2_weight_grad_op(monkeypatch):
+    """fc2's weight gradient with its input recomputed from u, alone: several splits of the pixels (the GPU
+    config with an H100's SM count), float64 against dv^T a; opcheck."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", 132)
+    dv = torch.randn(2 * 9 * 13, 40, dtype=torch.float64)
+    u = torch.randn(2, 9, 13, 80, dtype=torch.float64)
+    wc, bc = torch.randn(80, 1, 3, 3, dtype=torch.float64), torch.randn(80, dtype=torch.float64)
+    assert mod._dw2_config(dv.shape[0], 40, 80, u.device)[5] > 1
+    a = mod.dwconv3x3_reference(u, wc, bc, gelu=True, residual=True).reshape(-1, 80)
+    assert rel_err(mod.irb_fc2_weight_grad(dv, u, wc, bc), dv.t() @ a) < 1e-12
+    torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, (dv, u, wc, bc),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs():
+    x, p, keep, _ = _make(2, 3, 4, 8, 16, "cpu", torch.float32)
+    a = (p["w1"], p["b1"], p["wc"], p["bc"], p["w2"], p["b2"])
+    with pytest.raises(TypeError, match="x"):
+        irb(x.numpy(), *a)
+    with pytest.raises(ValueError, match="x"):
+        irb(x[0], *a)
+    with pytest.raises(ValueError, match="w1"):
+        irb(x, p["w1"][:, :4], *a[1:])
+    with pytest.raises(ValueError, match="wc"):
+        irb(x, a[0], a[1], p["wc"][:8], *a[3:])
+    with pytest.raises(ValueError, match="w2"):
+        irb(x, *a[:4], p["w2"].t(), a[5])
+    with pytest.raises(ValueError, match="b2"):
+        irb(x, *a[:5], torch.zeros(3))
+    with pytest.raises(ValueError, match="scale"):
+        irb(x, *a, scale=torch.ones(3))
+    with pytest.raises(ValueError, match="keep"):
+        irb(x, *a, keep=torch.ones(5))
+    with pytest.raises(ValueError, match="together"):
+        irb(x, *a, norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match="eps"):
+        irb(x, *a, norm_weight=torch.ones(8), norm_bias=torch.zeros(8), eps=0.0)
+    with pytest.raises(ValueError, match="shortcut"):
+        irb(x, *a, shortcut=x[:1])
+    with pytest.raises(TypeError, match="w1"):
+        irb(x, p["w1"].double(), *a[1:])
+    with pytest.raises(TypeError, match="x"):
+        irb(x.long(), *a)
