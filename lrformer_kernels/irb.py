@@ -481,8 +481,8 @@ def irb(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch
         raise ValueError(f"w2 must have shape (C, hidden) = {(C, HD)}, got {tuple(w2.shape)}")
     for name, t, n in (("b1", b1, HD), ("bc", bc, HD), ("b2", b2, C), ("scale", scale, C), ("norm_weight", norm_weight, C),
                        ("norm_bias", norm_bias, C), ("keep", keep, B)):
-        if t is not None:
-            check_tensor(t, name, ndim=1, dtypes=pd, device=x.device)
+        if t is not None:   # the drop-path factor and the layer scale: any float dtype (buffers, fp32 parameters)
+            check_tensor(t, name, ndim=1, device=x.device, **({} if name in ("keep", "scale") else {"dtypes": pd}))
             if t.shape[0] != n:
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     if (norm_weight is None) != (norm_bias is None):

@@ -105,6 +105,19 @@ def test_fp16_twin_and_autocast_dtypes():
     assert out.dtype == torch.float32 and rel_err(out, ref) < TOL[torch.float16]
 
 
+def test_float32_keep_and_scale_with_float64_maps():
+    """The model's drop-path factor is float32 whatever the map's dtype (DropPath.keep); a layer scale may be too."""
+    x, p, keep, _ = _make(3, 4, 5, 16, 32, "cpu", torch.float64)
+    scale = p["scale"].float().requires_grad_(True)
+    args = (p["w1"], p["b1"], p["wc"], p["bc"], p["w2"], p["b2"])
+    out = irb(x, *args, scale, keep.float(), p["norm_weight"], p["norm_bias"])
+    (ds,) = torch.autograd.grad(out.sum(), scale)
+    sr = scale.detach().double().requires_grad_(True)
+    ref = irb_reference(x, *args, sr, keep, p["norm_weight"], p["norm_bias"])
+    (dsr,) = torch.autograd.grad(ref.sum(), sr)
+    assert ds.dtype == torch.float32 and rel_err(out, ref) < 1e-6 and rel_err(ds, dsr) < 1e-5
+
+
 def test_reference_fallback_path(monkeypatch):
     monkeypatch.setattr(mod, "use_kernel", lambda *t: False)
     for dtype in (torch.float64, torch.float32):
