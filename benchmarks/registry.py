@@ -372,6 +372,41 @@ def _loss_bytes(B, h, w, s, esize, mode):
     return fwd if mode == "fwd" else fwd + 2 * logits + labels
 
 
+def _irb(s, h, w):
+    C = S_DIMS[s - 1]
+    HD = int(C * S_MLP_RATIOS[s - 1])
+    has_scale = S_LAYER_SCALE[s - 1] is not None
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        r = lambda *shape, dtype=dt: _randn(shape, cfg, dtype, grad, g)  # noqa: E731
+        keep = (torch.rand(B, device=cfg.device, generator=g) > 0.1).float() / 0.9 if grad else None
+        return (_randn((B, h, w, C), cfg, dt, grad, g), r(HD, C), r(HD), r(HD, 1, 3, 3), r(HD), r(C, HD), r(C),
+                r(C, dtype=torch.float32) if has_scale else None, keep, r(C), r(C))
+    return K.irb_reference, K.irb, inputs
+
+
+def _irb_bytes(B, h, w, s, esize, mode):
+    """fwd: read x (B H W C), the weights (2 C HD + 11 HD + 3 C), the layer scale (C fp32, stages 3-4) and the
+    drop-path factor (B fp32, fwd+bwd only), write the block output; bwd: read dOut and x, write dx and the
+    weight gradients.  The hidden map (HD = ratio x C wide) is not compulsory."""
+    C = S_DIMS[s - 1]
+    HD = int(C * S_MLP_RATIOS[s - 1])
+    hw_, wts = B * h * w * C, 2 * C * HD + 11 * HD + 3 * C
+    scale = 4 * C if S_LAYER_SCALE[s - 1] is not None else 0
+    fwd = (2 * hw_ + wts) * esize + scale + (4 * B if mode != "fwd" else 0)
+    return fwd if mode == "fwd" else fwd + (3 * hw_ + wts) * esize + scale
+
+
+def _irb_flops(B, h, w, s, mode):
+    """fc1 and fc2 (2 M C HD each) and the depthwise conv (2 * 9 M HD); the backward twice that."""
+    C = S_DIMS[s - 1]
+    HD = int(C * S_MLP_RATIOS[s - 1])
+    M = B * h * w
+    one = 4 * M * C * HD + 18 * M * HD
+    return one if mode == "fwd" else 3 * one
+
+
 OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("pyramid_pool", lambda s: S_DIMS[s - 1], _pyramid_pool, _pyramid_pool_bytes),
     OpEntry("lowres_attention", lambda s: S_DIMS[s - 1], _lowres_attention, _lowres_attention_bytes,
@@ -379,6 +414,7 @@ OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("upsample_residual", lambda s: S_DIMS[s - 1], _upsample_residual, _upsample_residual_bytes),
     OpEntry("dwconv_cpe", _dwconv_channels(False), _dwconv(False), _dwconv_bytes(False)),
     OpEntry("dwconv_irb", _dwconv_channels(True), _dwconv(True), _dwconv_bytes(True)),
+    OpEntry("irb", lambda s: S_DIMS[s - 1], _irb, _irb_bytes, _irb_flops),
     OpEntry("hrca_attention", lambda s: HRCA["C"], _hrca, _hrca_bytes, _hrca_flops, cuda_stage1_only=True,
             shape_note=lambda h, w: "_Nq{}_K{}_ws{}".format(HRCA["nq"], hrca_dims(h, w)[1], HRCA["window"])),
     OpEntry("faseg_hrca_branch", lambda s: HRCA_BRANCH["C"], _hrca_branch, _hrca_branch_bytes, _hrca_branch_flops,
