@@ -22,9 +22,16 @@ Design (two kernels forward; the hidden map written once and read once)
   epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
   written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
   A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
-* Backward: the GEMMs run as ``torch.mm`` (cuBLAS) on the hidden-wide maps, the depthwise part as the
-  ``dwconv3x3`` backward kernel (GELU derivative, conv transpose, weight partials in one pass); the
-  normalised input is recomputed from x and the saved statistics, never stored.  Deterministic.
+* Backward (:func:`_backward_impl`): da = dv w2 and dxn = du w1 and [dw1 | db1] = du^T [xn | 1] as
+  ``torch.mm`` (cuBLAS), the depthwise part as the ``dwconv3x3`` backward kernel (GELU derivative, conv
+  transpose, weight partials in one pass), fc2's weight gradient as ``_irb_dw2_kernel`` (its input
+  recomputed from u's taps, never stored); the normalised input is recomputed from x and the saved
+  statistics.  Deterministic.  It still makes ~7 passes over the hidden map (da written, da and u read
+  and du written by the depthwise backward, u read for dw2, du read twice): the backward dominates a
+  block's bytes.  Keeping the hidden map out of DRAM there too needs each pixel's neighbours' da and u,
+  which a register tile cannot shift to (no cross-pixel shuffle in Triton 3.6-3.9): the next design is a
+  per-program, L2-resident scratch tile of a band of image rows with a one-row halo (da of the halo rows
+  recomputed: about +50-100% of one GEMM for 2-4-row bands), not 9 shifted recomputations (9x da's FLOPs).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
