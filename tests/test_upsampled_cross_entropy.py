@@ -164,3 +164,37 @@ def test_bad_inputs():
         upsampled_cross_entropy(z.long(), y)
     with pytest.raises(ValueError, match="labels"):
         upsampled_cross_entropy(z, torch.zeros(2, 0, 4, dtype=torch.long))
+
+
+def test_fused_segmentor_loss_never_forms_the_upsampled_logits():
+    """The model's training loss, fused: no tensor of the upsampled logits' size (B, K, H, W) is created in
+    the forward or the backward (the reference path creates several), counted on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import lrformer
+    import lrformer_kernels
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numels += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    B, K, H, W = 2, 150, 256, 320
+    for fused in (False, True):
+        with torch.device("meta"):
+            model = lrformer.create_model("lrformer_t", num_classes=K)
+        if fused:
+            lrformer_kernels.fuse(model)
+        images = torch.empty(B, 3, H, W, device="meta")
+        labels = torch.empty(B, H, W, device="meta", dtype=torch.long)
+        logits = model(images).detach().requires_grad_(True)
+        with Sizes() as s:
+            model.loss(images, labels, logits).backward()
+        big = [n for n in s.numels if n >= B * K * H * W]
+        assert (not big) if fused else big, (fused, big)
