@@ -39,6 +39,22 @@ if HAS_TRITON:
         return tl.where(same_h, r0, (1.0 - ly) * r0 + ly * r1)
 
     @triton.jit
+    def bilinear_weight(src, i0, i1, lam):
+        """The weight with which source index ``src`` enters outputs whose taps are (i0, i1, lambda)."""
+        return tl.where(i0 == src, 1.0 - lam, 0.0) + tl.where(i1 == src, lam, 0.0)
+
+    @triton.jit
+    def bilinear_gather_columns(acc, red, x0, x1, lx, colmask, j0, BLOCK_J: tl.constexpr):
+        """The horizontal half of a bilinear backward gather: add to row ``jo`` of ``acc`` (BLOCK_J source
+        columns ``j0 + jo`` x channels) the output columns of ``red`` (columns x channels) weighted by how
+        much each takes from that source column (taps x0, x1, lx; columns outside ``colmask`` add nothing)."""
+        for jo in tl.static_range(BLOCK_J):
+            wx = tl.where(colmask, bilinear_weight(j0 + jo, x0, x1, lx), 0.0)
+            col = tl.sum(wx[:, None] * red, axis=0)
+            acc = tl.where((tl.arange(0, BLOCK_J) == jo)[:, None], acc + col[None, :], acc)
+        return acc
+
+    @triton.jit
     def bilinear_support(first, last, n_in, n_out):
         """Output indices ``[lo, hi)`` of a bilinear resize n_in -> n_out whose i0 or i1 tap lies in the
         source range ``[first, last]`` (closed form: the first output with i0 >= k is
@@ -193,6 +209,13 @@ def attention_scale(channels: int, num_heads: int, scale, max_head_dim: int) -> 
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def bilinear_index_int64(H: int, W: int, h: int, w: int) -> bool:
+    """Whether the exact source-coordinate products of a bilinear resize between an (h, w) and an (H, W)
+    map, ``(2 * out + 1) * in`` (forward) or ``(2 * i + 3) * out + in`` (the backward's ranges), can pass
+    int32: products of the two maps' sides, not tensor sizes."""
+    return max((2 * H + 1) * h, (2 * h + 3) * H + h, (2 * W + 1) * w, (2 * w + 3) * W + w) >= 2 ** 31 - 1
 
 
 def needs_int64(*tensors: torch.Tensor) -> bool:

@@ -500,8 +500,7 @@ def irb(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch
         check_tensor(shortcut, "shortcut", ndim=4, device=x.device, dtype=x.dtype)
         if shortcut.shape != x.shape:
             raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
-    zeros = {n: torch.zeros(k, dtype=w1.dtype, device=x.device) for n, k in (("b1", HD), ("bc", HD), ("b2", C))}
+    b1, bc, b2 = (b if b is not None else w1.new_zeros(n) for b, n in ((b1, HD), (bc, HD), (b2, C)))  # no bias: 0
     store_v = scale is not None and scale.requires_grad and torch.is_grad_enabled()
-    return _irb_op(x, w1, b1 if b1 is not None else zeros["b1"], wc, bc if bc is not None else zeros["bc"], w2,
-                   b2 if b2 is not None else zeros["b2"], scale, keep, norm_weight, norm_bias, float(eps), shortcut,
+    return _irb_op(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, float(eps), shortcut,
                    _hidden_dtype(x), store_v)[0]

@@ -28,14 +28,14 @@ import torch
 
 import torch.nn.functional as F
 
-from ._common import (cdiv, launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
+from ._common import (cdiv, launch_options, HAS_TRITON, acc_dtype, bilinear_index_int64, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
                       new_empty, next_pow2, use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import bilinear_lerp, bilinear_support, bilinear_taps
+    from ._common import bilinear_gather_columns, bilinear_lerp, bilinear_support, bilinear_taps, bilinear_weight
 
 __all__ = ["upsample_residual", "upsample_residual_reference", "bilinear_resize", "branch_scale"]
 
@@ -156,18 +156,11 @@ if HAS_TRITON:
             red = tl.zeros((BLOCK_OW, BLOCK_C), dtype=ACC)
             for oh in range(oh_lo, oh_hi):
                 y0, y1, ly = bilinear_taps(oh, h, H, ACC)
-                wy = tl.where(y0 == i, 1.0 - ly, 0.0) + tl.where(y1 == i, ly, 0.0)
                 gv = tl.load(gbase + oh * sgh + goff, mask=gmask, other=0.0).to(ACC)
-                red += wy * gv
+                red += bilinear_weight(i, y0, y1, ly) * gv
             # horizontal weights of these output columns, then reduction per low column
             x0, x1, lx = bilinear_taps(ow, w, W, ACC)
-            for jo in tl.static_range(BLOCK_J):
-                jc = j0 + jo
-                wx = tl.where(x0 == jc, 1.0 - lx, 0.0) + tl.where(x1 == jc, lx, 0.0)
-                wx = tl.where(owmask, wx, 0.0)
-                col = tl.sum(wx[:, None] * red, axis=0)
-                sel = (tl.arange(0, BLOCK_J) == jo)[:, None]
-                acc = tl.where(sel, acc + col[None, :], acc)
+            acc = bilinear_gather_columns(acc, red, x0, x1, lx, owmask, j0, BLOCK_J)
 
         m2 = jmask[:, None] & cmask[None, :]
         kp = 1.0
@@ -191,10 +184,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-def _index_int64(H: int, W: int, h: int, w: int) -> bool:
-    """Whether the exact source-coordinate products ``(2 * out + 1) * in`` (forward) or
-    ``(2 * i + 3) * out + in`` (backward) can pass int32: products of the two maps' sides, not sizes."""
-    return max((2 * H + 1) * h, (2 * h + 3) * H + h, (2 * W + 1) * w, (2 * w + 3) * W + w) >= 2 ** 31 - 1
+_index_int64 = bilinear_index_int64      # a module attribute: the tests swap it for the old rule
 
 
 def _forward_config(npix: int, C: int, int64: bool = False):

@@ -37,14 +37,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, cdiv, check_tensor, device_guard, launch_options,
+from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, bilinear_index_int64, cdiv, check_tensor, device_guard, launch_options,
                       needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import bilinear_lerp, bilinear_support, bilinear_taps
+    from ._common import bilinear_gather_columns, bilinear_lerp, bilinear_support, bilinear_taps, bilinear_weight
 
 __all__ = ["upsampled_cross_entropy", "upsampled_cross_entropy_reference"]
 
@@ -145,7 +145,7 @@ if HAS_TRITON:
             red = tl.zeros((BLOCK_OW, BLOCK_K), dtype=ACC)
             for oh in range(oh_lo, oh_hi):
                 y0, y1, ly = bilinear_taps(oh, h, H, ACC)
-                wy = tl.where(y0 == i, 1.0 - ly, 0.0) + tl.where(y1 == i, ly, 0.0)
+                wy = bilinear_weight(i, y0, y1, ly)
                 lab = tl.load(y_ptr + b * syb + oh * syh + ow * syw, mask=owmask, other=IGNORE).to(tl.int32)
                 lse = tl.load(lse_ptr + (b * H + oh) * W + ow, mask=owmask, other=0.0)
                 z = _upsampled_logits(zb, y0 + 0 * ow, y1 + 0 * ow, x0, x1, ly, lx[:, None], koff, mask,
@@ -153,13 +153,7 @@ if HAS_TRITON:
                 g = tl.exp(z - lse[:, None]) - tl.where(onehot_k == lab[:, None], 1.0, 0.0)
                 keep = mask & (lab != IGNORE)[:, None]
                 red += tl.where(keep, g * (wy * coef), 0.0)
-            for jo in tl.static_range(BLOCK_J):
-                jc = j0 + jo
-                wx = tl.where(x0 == jc, 1.0 - lx, 0.0) + tl.where(x1 == jc, lx, 0.0)
-                wx = tl.where(owmask, wx, 0.0)
-                col = tl.sum(wx[:, None] * red, axis=0)
-                sel = (tl.arange(0, BLOCK_J) == jo)[:, None]
-                acc = tl.where(sel, acc + col[None, :], acc)
+            acc = bilinear_gather_columns(acc, red, x0, x1, lx, owmask, j0, BLOCK_J)
         m2 = (jj < w)[:, None] & kmask[None, :]
         tl.store(dz_ptr + b * sdb + i * sdh + jj[:, None] * sdw + kk[None, :] * sdk,
                  acc.to(dz_ptr.dtype.element_ty), mask=m2)
@@ -199,11 +193,6 @@ def _backward_config(H: int, W: int, w: int, K: int):
 # ---------------------------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------------------------
-def _index_int64(H: int, W: int, h: int, w: int) -> bool:
-    """Whether the exact source-coordinate products (see upsample_residual) can pass int32."""
-    return max((2 * H + 1) * h, (2 * h + 3) * H + h, (2 * W + 1) * w, (2 * w + 3) * W + w) >= 2 ** 31 - 1
-
-
 def _forward_triton(logits, labels, ignore_index):
     B, K, h, w = logits.shape
     H, W = labels.shape[1:]
@@ -216,7 +205,7 @@ def _forward_triton(logits, labels, ignore_index):
     with device_guard(logits):
         _uce_fwd_kernel[(n_prog,)](
             logits, labels, lse, part, npix, H, W, h, w, K, ignore_index, *logits.stride(), *labels.stride(),
-            INT64=needs_int64(logits, labels, lse) or _index_int64(H, W, h, w), ACC=tl_acc(logits.dtype),
+            INT64=needs_int64(logits, labels, lse) or bilinear_index_int64(H, W, h, w), ACC=tl_acc(logits.dtype),
             BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps, **launch_options())
     loss, n_valid = _mean(part[:, 0], part[:, 1], acc)
     return loss, lse, n_valid
@@ -247,7 +236,7 @@ def _backward_triton(grad, logits, labels, lse, n_valid, ignore_index):
         _uce_bwd_kernel[(B * h * nj * nk,)](
             logits, labels, lse, coef, dz, H, W, h, w, K, nk, nj, ignore_index,
             *logits.stride(), *labels.stride(), *dz.stride(),
-            INT64=needs_int64(logits, labels, lse, dz) or _index_int64(H, W, h, w), ACC=tl_acc(logits.dtype),
+            INT64=needs_int64(logits, labels, lse, dz) or bilinear_index_int64(H, W, h, w), ACC=tl_acc(logits.dtype),
             BLOCK_J=block_j, BLOCK_OW=block_ow, BLOCK_K=block_k, num_warps=warps, **launch_options())
     return dz
 
@@ -260,12 +249,11 @@ def upsampled_cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor
     """The reference math: ``F.cross_entropy`` (mean over the labelled pixels) of the logits (B, K, h, w)
     bilinearly resized (align_corners=False) to the labels' size (B, H, W), in float32 (float64 for
     float64 logits; the resize too, as mmseg's loss does)."""
-    ct = acc_dtype(logits.dtype)
-    up = F.interpolate(logits.to(ct), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
-    return F.cross_entropy(up, labels.long(), ignore_index=ignore_index)
+    return F.cross_entropy(_upsampled(logits, labels), labels.long(), ignore_index=ignore_index)
 
 
 def _upsampled(logits, labels):
+    """The logits in the math dtype, bilinearly resized to the labels' size."""
     ct = acc_dtype(logits.dtype)
     return F.interpolate(logits.to(ct), size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
 
@@ -364,11 +352,6 @@ def upsampled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_i
     :func:`upsampled_cross_entropy_reference` without forming the upsampled logits.
     """
     check_tensor(logits, "logits", ndim=4)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels has dtype {labels.dtype}; supported: integer dtypes "
-                        f"({', '.join(str(d) for d in LABEL_DTYPES)})")
     check_tensor(labels, "labels", ndim=3, dtypes=LABEL_DTYPES, device=logits.device)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels has batch size {labels.shape[0]} but logits has {logits.shape[0]} "
