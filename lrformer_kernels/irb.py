@@ -22,16 +22,16 @@ Design (two kernels forward; the hidden map written once and read once)
   epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
   written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
   A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
-* Backward (:func:`_backward_impl`): da = dv w2 and dxn = du w1 and [dw1 | db1] = du^T [xn | 1] as
-  ``torch.mm`` (cuBLAS), the depthwise part as the ``dwconv3x3`` backward kernel (GELU derivative, conv
-  transpose, weight partials in one pass), fc2's weight gradient as ``_irb_dw2_kernel`` (its input
-  recomputed from u's taps, never stored); the normalised input is recomputed from x and the saved
-  statistics.  Deterministic.  It still makes ~7 passes over the hidden map (da written, da and u read
-  and du written by the depthwise backward, u read for dw2, du read twice): the backward dominates a
-  block's bytes.  Keeping the hidden map out of DRAM there too needs each pixel's neighbours' da and u,
-  which a register tile cannot shift to (no cross-pixel shuffle in Triton 3.6-3.9): the next design is a
-  per-program, L2-resident scratch tile of a band of image rows with a one-row halo (da of the halo rows
-  recomputed: about +50-100% of one GEMM for 2-4-row bands), not 9 shifted recomputations (9x da's FLOPs).
+* Backward (:func:`_backward_impl`): dxn = du w1 and [dw1 | db1] = du^T [xn | 1] as ``torch.mm``
+  (cuBLAS); fc2's weight gradient dv^T a as ``_irb_dw2_kernel`` (a recomputed from u's taps, never
+  stored); and ``_irb_dgrad_kernel`` from dv to du: per tile of the map with a one-pixel halo it computes
+  da = dv w2 (a GEMM over C, the halo recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to
+  the program's own scratch tile (L1/L2; a register tile cannot be shifted across pixels in Triton
+  3.6-3.9, and ``tl.gather`` spills) and reads it back shifted for the transposed depthwise conv, times
+  gelu'(u), plus the depthwise weight and bias partials: da never goes to DRAM.  The normalised input is
+  recomputed from x and the saved statistics.  Deterministic.  Five passes over the hidden map remain (u
+  read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one fewer) and
+  dw1 (another) spills at every tile size tried (the kernel already sits at 170-245 registers).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
@@ -191,6 +191,80 @@ if HAS_TRITON:
         tl.store(part_ptr + pid_s * C * HD + rn[:, None] * HD + cs[None, :], acc,
                  mask=nmask[:, None] & cmask[None, :])
 
+    @triton.jit
+    def _irb_dgrad_kernel(dv_ptr, u_ptr, w2_ptr, wc_ptr, du_ptr, part_ptr, scratch_ptr, B, H, W, HD, C,
+                          tiles_h, tiles_w, iters,
+                          INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                          RH: tl.constexpr, RW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The IRB backward from dv = d(fc2 output) to du = d(fc1 output) and the depthwise conv's weight and
+        bias gradients, da = dv w2 never stored: a program owns ``BLOCK_K`` hidden channels and ``iters``
+        consecutive tiles of the map; a tile is an ``RH x RW`` region, its ``(RH-2) x (RW-2)`` own pixels and
+        a one-pixel halo, on which the program computes da (a GEMM over C), writes it to its own scratch
+        tile (L1/L2: a register tile cannot be shifted across pixels) and reads it back shifted for the
+        transposed depthwise conv.  Per-program fp32 partials (9 taps + bias), summed in a fixed order."""
+        pid_k = tl.program_id(0)        # hidden chunks fastest: the programs of a split read the same dv tiles
+        pid_s = tl.program_id(1)
+        P: tl.constexpr = RH * RW
+        cs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        cmask = cs < HD
+        r = tl.arange(0, P)
+        ry = r // RW
+        rx = r - ry * RW
+        inner = (ry >= 1) & (ry < RH - 1) & (rx >= 1) & (rx < RW - 1)
+        rows = tl.arange(0, 16)
+        sp = scratch_ptr + (pid_s * tl.num_programs(0) + pid_k) * (P * BLOCK_K) + r[:, None] * BLOCK_K \
+            + tl.arange(0, BLOCK_K)[None, :]
+        DT = u_ptr.dtype.element_ty
+        acc_w = tl.zeros([16, BLOCK_K], ACC)            # rows 0..8: d_wc taps (ky * 3 + kx), row 9: d_bc
+        for it in range(0, iters):
+            t = pid_s * iters + it
+            b = t // (tiles_h * tiles_w)
+            rem = t - b * (tiles_h * tiles_w)
+            ty = rem // tiles_w
+            h = ty * (RH - 2) - 1 + ry
+            w = (rem - ty * tiles_w) * (RW - 2) - 1 + rx
+            idx = (b * H + h) * W + w
+            if INT64:
+                idx = idx.to(tl.int64)
+            valid = (h >= 0) & (h < H) & (w >= 0) & (w < W) & (idx < B * H * W)   # b == B past the last tile
+            own = valid & inner
+            # ---- da = dv w2 on the region (0 off the map: the transposed conv's zero padding)
+            da = tl.zeros([P, BLOCK_K], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                ck = c0 + tl.arange(0, BLOCK_C)
+                ckm = ck < C
+                dvr = tl.load(dv_ptr + idx[:, None] * C + ck[None, :], mask=valid[:, None] & ckm[None, :], other=0.0)
+                w2t = tl.load(w2_ptr + ck[:, None] * HD + cs[None, :], mask=ckm[:, None] & cmask[None, :], other=0.0)
+                da += tl.dot(dvr.to(DT), w2t.to(DT), input_precision=DOT_PREC).to(ACC)
+            # the barriers order the scratch tile's writes and reads among the warps
+            tl.debug_barrier()
+            tl.store(sp, da)
+            tl.debug_barrier()
+            # ---- du = gelu'(u) * (da + sum_t wc[t] * da[p - o_t]) at the own pixels p (o_t: tap t's offset):
+            # the transposed depthwise conv and its residual; the own pixels' neighbours lie in the region
+            dg = da
+            for ky in tl.static_range(3):
+                for kx in tl.static_range(3):
+                    dg += _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC) * \
+                        tl.load(sp - ((ky - 1) * RW + (kx - 1)) * BLOCK_K, mask=own[:, None], other=0.0)
+            hoff = idx[:, None] * HD + cs[None, :]
+            u = tl.load(u_ptr + hoff, mask=own[:, None] & cmask[None, :], other=0.0).to(ACC)
+            cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+            du = dg * (cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327)
+            tl.store(du_ptr + hoff, du.to(du_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
+            # ---- d_wc[t] += sum_p da[p] g[p + o_t], d_bc += sum_p da[p] over the own pixels (they partition the
+            # map); the neighbours' g = gelu(u) by shifted masked loads of u (L1/L2 hits)
+            for ky in tl.static_range(3):
+                for kx in tl.static_range(3):
+                    nb = own & (h + (ky - 1) >= 0) & (h + (ky - 1) < H) & (w + (kx - 1) >= 0) & (w + (kx - 1) < W)
+                    gs = tl.load(u_ptr + hoff + ((ky - 1) * W + (kx - 1)) * HD, mask=nb[:, None] & cmask[None, :],
+                                 other=0.0).to(ACC)
+                    gs = 0.5 * gs * (1.0 + tl.math.erf(gs * 0.7071067811865476))
+                    acc_w += tl.where(rows[:, None] == ky * 3 + kx, tl.sum(da * gs, axis=0)[None, :], 0.0)
+            acc_w += tl.where(rows[:, None] == 9, tl.sum(tl.where(own[:, None], da, 0.0), axis=0)[None, :], 0.0)
+        tl.store(part_ptr + pid_s * 10 * HD + rows[:, None] * HD + cs[None, :], acc_w,
+                 mask=(rows < 10)[:, None] & cmask[None, :])
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +295,26 @@ def _dw2_config(M: int, C: int, HD: int, device: torch.device):
     chunks = cdiv(M, bm)
     iters = cdiv(chunks, max(1, PROGRAMS_PER_SM * num_sms(device) // tiles))
     return bm, bn, bk, warps, iters, cdiv(chunks, iters)
+
+
+#: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU
+#: (ptxas: 170-245 registers at 8 warps, no spills; BLOCK_K 32 spills, and so does fc2's weight gradient
+#: fused into it, for any C) and in the interpreter (few, big programs)
+DGRAD_CONFIG = {"cuda": (128, 16, 16, 32, 8), "cpu": (1024, 32, 128, 256, 4)}
+
+
+def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device):
+    """(RH, RW, BLOCK_C, BLOCK_K, warps, tiles_h, tiles_w, iters, splits) of the dgrad kernel: regions as wide
+    as the map allows (a one-pixel halo on each side), about ``PROGRAMS_PER_SM`` programs per SM in all."""
+    pixels, rw_max, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else "cuda"]
+    rw = max(4, min(rw_max, next_pow2(W + 2)))
+    rh = max(4, min(pixels // rw, next_pow2(H + 2)))
+    bc = max(16, min(bc, next_pow2(C)))
+    bk = max(16, min(bk, next_pow2(HD)))
+    tiles_h, tiles_w = cdiv(H, rh - 2), cdiv(W, rw - 2)
+    tiles = B * tiles_h * tiles_w
+    iters = cdiv(tiles, max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(HD, bk)))
+    return rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, cdiv(tiles, iters)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -273,6 +367,24 @@ def _fc2_weight_grad_triton(dv, u, wc, bc):
             DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
             **launch_options())
     return part.sum(0)                     # fixed-order reduction over the programs: deterministic
+
+
+def _dgrad_triton(dv, u, w2, wc):
+    B, H, W, HD = u.shape
+    C = dv.shape[-1]
+    rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device)
+    acc = acc_dtype(u.dtype)
+    du = new_empty(u.shape, u.dtype, u.device)
+    part = new_empty((splits, 10, HD), acc, u.device)
+    scratch = new_empty((splits, cdiv(HD, bk), rh * rw, bk), acc, u.device)
+    w9 = wc.reshape(HD, 9).t().contiguous()
+    with device_guard(u):
+        _irb_dgrad_kernel[(cdiv(HD, bk), splits)](
+            dv, u, w2, w9, du, part, scratch, B, H, W, HD, C, tiles_h, tiles_w, iters,
+            INT64=needs_int64(dv, u), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype), RH=rh, RW=rw,
+            BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
+    red = part.sum(0)                      # fixed-order reduction over the programs: deterministic
+    return du, red[:9].t().reshape(HD, 1, 3, 3).contiguous(), red[9].clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +452,8 @@ def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep,
         kv = v if keep is None else v * keep.to(v.dtype).reshape(B, 1, 1, 1)
         dscale = (dy * kv).sum((0, 1, 2), dtype=acc).to(scale.dtype)
     db2 = dv.sum(0, dtype=acc).to(b2.dtype)
-    da = torch.mm(dv, w2.to(hd)).reshape(B, H, W, HD)
     dw2 = torch.ops.lrformer.irb_fc2_weight_grad(dv, u, wc, bc).to(w2.dtype)
-    du, dwc, dbc = torch.ops.lrformer.dwconv3x3_backward(da, u, wc, bc, True, True)
+    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dv, u, w2.to(hd), wc, bc)
     du = du.reshape(M, HD)
     dxn = torch.mm(du, w1.to(hd)).reshape(B, H, W, C)
     dnw = dnb = None
@@ -405,6 +516,27 @@ def irb_fc2_weight_grad(dv: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc:
 @irb_fc2_weight_grad.register_fake
 def _(dv, u, wc, bc):
     return u.new_empty((dv.shape[-1], u.shape[-1]), dtype=acc_dtype(u.dtype))
+
+
+@torch.library.custom_op("lrformer::irb_dgrad", mutates_args=())
+def irb_dgrad(dv: torch.Tensor, u: torch.Tensor, w2: torch.Tensor, wc: torch.Tensor,
+              bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IRB backward between fc2 and fc1: from dv (M, C) = d(fc2 output) and the stored pre-activation
+    u (B, H, W, HD) to (du (B, H, W, HD) in u's dtype, d_wc (HD, 1, 3, 3), d_bc (HD,) in the math dtype),
+    ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, ``da = dv w2`` (w2 (C, HD) in u's dtype).  The kernel
+    never stores da."""
+    if use_kernel(u):
+        return _dgrad_triton(dv, u, w2, wc)
+    acc = acc_dtype(u.dtype)
+    du, dwc, dbc = torch.ops.lrformer.dwconv3x3_backward(torch.mm(dv, w2).reshape(u.shape), u, wc, bc, True, True)
+    return du, dwc.to(acc), dbc.to(acc)
+
+
+@irb_dgrad.register_fake
+def _(dv, u, w2, wc, bc):
+    acc = acc_dtype(u.dtype)
+    HD = u.shape[-1]
+    return u.new_empty(u.shape), u.new_empty((HD, 1, 3, 3), dtype=acc), u.new_empty((HD,), dtype=acc)
 
 
 @torch.library.custom_op("lrformer::irb_backward", mutates_args=())

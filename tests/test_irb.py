@@ -151,6 +151,32 @@ def test_fc2_weight_grad_op(monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("sms", [1, 132])
+def test_dgrad_op(monkeypatch, sms):
+    """The backward from d(fc2 output) to d(fc1 output) and the depthwise conv's gradients, da never stored, alone
+    on the GPU tiles: maps of several regions (their one-pixel halos crossing tile borders), maps narrower and
+    shorter than a region, a single pixel, C wider than a GEMM depth tile, programs walking several tiles
+    (1 SM) and several splits (an H100's 132); float64 against the reference's autograd; outputs poisoned."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", sms)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    for B, H, W, C, HD in ((2, 13, 19, 40, 48), (1, 20, 37, 16, 32), (3, 4, 3, 8, 16), (2, 1, 1, 16, 32)):
+        dv, u = torch.randn(B * H * W, C, dtype=torch.float64), torch.randn(B, H, W, HD, dtype=torch.float64)
+        w2, bc = torch.randn(C, HD, dtype=torch.float64), torch.randn(HD, dtype=torch.float64)
+        wc = torch.randn(HD, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+        cfg = mod._dgrad_config(B, H, W, C, HD, u.device)
+        if (B, H) == (2, 13):
+            assert cfg[7] > 1 if sms == 1 else cfg[8] > 1, cfg       # iters / splits
+        ur, bcr = u.clone().requires_grad_(True), bc.clone().requires_grad_(True)
+        a = mod.dwconv3x3_reference(ur, wc, bcr, gelu=True, residual=True)
+        want = torch.autograd.grad(a, (ur, wc, bcr), (dv @ w2).reshape(u.shape))
+        got = mod.irb_dgrad(dv, u, w2, wc.detach(), bc)
+        for name, g, r in zip(("du", "dwc", "dbc"), got, want):
+            assert g.shape == r.shape and rel_err(g, r) < 1e-12, (name, (B, H, W, C, HD), rel_err(g, r))
+    torch.library.opcheck(torch.ops.lrformer.irb_dgrad, (dv, u, w2, wc.detach(), bc),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_bad_inputs():
     x, p, keep, _ = _make(2, 3, 4, 8, 16, "cpu", torch.float32)
     a = (p["w1"], p["b1"], p["wc"], p["bc"], p["w2"], p["b2"])

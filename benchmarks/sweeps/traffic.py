@@ -185,6 +185,27 @@ def _fc2_weight_grad_extra(args, out) -> int:
     return 2 * splits * tensor_bytes(out) + 2 * tensor_bytes(wc)
 
 
+def _dgrad_tiles(dv, u):
+    """(regions, pixels per region, splits, hidden chunks, BLOCK_K) of the dgrad kernel on the GPU tiles."""
+    irb = _kernels("irb")
+    B, H, W, HD = u.shape
+    with _gpu_tiles():
+        rh, rw, _, bk, _, tiles_h, tiles_w, _, splits = irb._dgrad_config(B, H, W, dv.shape[1], HD, u.device)
+    return B * tiles_h * tiles_w, rh * rw, splits, -(-HD // bk), bk
+
+
+def _dgrad_extra(args, out) -> int:
+    """One launch.  dv is read from DRAM once (the hidden-chunk programs of a split are consecutive programs
+    walking the same tiles; the regions' halo rows and columns hit L2), u once (its 9 taps from L1/L2), du
+    written once; the per-program fp32 partials (splits, 10, HD) written and read by the fixed-order sum;
+    each program's da scratch tile is rewritten per tile in L1/L2, charged once (its write-back); the (9, HD)
+    weight copy."""
+    dv, u, wc = args[0], args[1], args[3]
+    _, p, splits, chunks, bk = _dgrad_tiles(dv, u)
+    acc = _acc_size(u)
+    return 2 * splits * 10 * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+
+
 def _irb_backward_inner(args) -> "TrafficCounter":
     """The IRB backward's own sequence (GEMMs by torch.mm, the depthwise conv's recompute and backward ops,
     the LayerNorm recompute and backward) counted op by op as it runs on the meta device."""
@@ -220,6 +241,7 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::irb": _irb_forward_extra,
     "lrformer::irb_backward": _irb_backward_extra,
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_extra,
+    "lrformer::irb_dgrad": _dgrad_extra,
 }
 
 
@@ -275,6 +297,15 @@ def _fc2_weight_grad_flops(args, out) -> int:
     return 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn))
 
 
+def _dgrad_flops(args, out) -> int:
+    """da = dv w2 on every region, halo and the region's part off the map included (2 P C HD per region), the
+    transposed depthwise conv and the weight taps (2 x 2 x 9 per region element)."""
+    dv, u = args[0], args[1]
+    tiles, p, _, _, _ = _dgrad_tiles(dv, u)
+    C, HD = dv.shape[1], u.shape[-1]
+    return 2 * tiles * p * C * HD + 2 * 2 * 9 * tiles * p * HD
+
+
 def _irb_backward_flops(args, out) -> int:
     return _irb_backward_inner(args).flops
 
@@ -293,6 +324,7 @@ FUSED_FLOPS: Dict[str, Callable] = {
     "lrformer::irb": _irb_flops,
     "lrformer::irb_backward": _irb_backward_flops,
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_flops,
+    "lrformer::irb_dgrad": _dgrad_flops,
 }
 
 
