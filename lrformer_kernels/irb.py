@@ -22,16 +22,18 @@ Design (two kernels forward; the hidden map written once and read once)
   epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
   written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
   A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
-* Backward (:func:`_backward_impl`): dxn = du w1 and [dw1 | db1] = du^T [xn | 1] as ``torch.mm``
-  (cuBLAS); fc2's weight gradient dv^T a as ``_irb_dw2_kernel`` (a recomputed from u's taps, never
+* Backward (:func:`_backward_impl`): dxn = du w1 as ``torch.mm`` (cuBLAS); fc1's weight and bias
+  gradients du^T [xn | 1] as ``_irb_dw1_kernel`` (xn recomputed from x and the saved statistics, never
+  stored); fc2's weight gradient dv^T a as ``_irb_dw2_kernel`` (a recomputed from u's taps, never
   stored); and ``_irb_dgrad_kernel`` from dv to du: per tile of the map with a one-pixel halo it computes
   da = dv w2 (a GEMM over C, the halo recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to
   the program's own scratch tile (L1/L2; a register tile cannot be shifted across pixels in Triton
   3.6-3.9, and ``tl.gather`` spills) and reads it back shifted for the transposed depthwise conv, times
-  gelu'(u), plus the depthwise weight and bias partials: da never goes to DRAM.  The normalised input is
-  recomputed from x and the saved statistics.  Deterministic.  Five passes over the hidden map remain (u
-  read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one fewer) and
-  dw1 (another) spills at every tile size tried (the kernel already sits at 170-245 registers).
+  gelu'(u), plus the depthwise weight and bias partials: da never goes to DRAM.  Deterministic (fixed-order
+  partial sums).  Five passes over the hidden map remain (u
+  read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one pass fewer)
+  spilled at every tile size tried (the kernel sits at 170-245 registers); keeping du out of DRAM too
+  needs dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
@@ -76,6 +78,20 @@ if HAS_TRITON:
                     if kx == 1:
                         a += v
         return a + tl.load(bc_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :]
+
+    @triton.jit
+    def _split_m_program(BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, iters,
+                         INT64: tl.constexpr):
+        """A split-M weight-gradient program (grid: axis-0 tiles, axis-1 tiles, pixel splits): the indices of its
+        two tile axes and its first pixel (it walks ``iters`` chunks of ``BLOCK_M`` pixels from there)."""
+        ra = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+        rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        start = tl.program_id(2) * iters * BLOCK_M
+        if INT64:
+            ra = ra.to(tl.int64)
+            rb = rb.to(tl.int64)
+            start = start.to(tl.int64)
+        return ra, rb, start
 
     @triton.jit
     def _irb_fc1_kernel(x_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, u_ptr, mean_ptr, rstd_ptr, M, C, HD, eps,
@@ -168,16 +184,7 @@ if HAS_TRITON:
         """fc2's weight gradient dv^T a with a recomputed from u (never stored): a program owns a
         (BLOCK_N output channels x BLOCK_K hidden channels) tile and ``iters`` pixel chunks; it writes one fp32
         partial tile, summed over the programs afterwards in a fixed order."""
-        pid_k = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        cs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        start = pid_s * iters * BLOCK_M
-        if INT64:
-            cs = cs.to(tl.int64)
-            rn = rn.to(tl.int64)
-            start = start.to(tl.int64)
+        cs, rn, start = _split_m_program(BLOCK_K, BLOCK_N, BLOCK_M, iters, INT64)
         cmask = cs < HD
         nmask = rn < C
         DT = u_ptr.dtype.element_ty
@@ -188,8 +195,43 @@ if HAS_TRITON:
             a = _fc2_input(u_ptr, wc_ptr, bc_ptr, idx, cs, pmask, rt, rb, wl, wr, cmask, W, HD, ACC, BLOCK_M, BLOCK_K)
             dvt = tl.load(dv_ptr + idx[None, :] * C + rn[:, None], mask=nmask[:, None] & pmask[None, :], other=0.0)
             acc += tl.dot(dvt.to(DT), a.to(DT), input_precision=DOT_PREC).to(ACC)
-        tl.store(part_ptr + pid_s * C * HD + rn[:, None] * HD + cs[None, :], acc,
+        tl.store(part_ptr + tl.program_id(2) * C * HD + rn[:, None] * HD + cs[None, :], acc,
                  mask=nmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _irb_dw1_kernel(du_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, part_ptr, partb_ptr, M, C, HD, iters,
+                        LAYER_NORM: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fc1's weight and bias gradients du^T [xn | 1], xn = layer_norm(x) recomputed from the saved row
+        statistics (never stored): a program owns a (BLOCK_N hidden x BLOCK_K input channels) tile and
+        ``iters`` pixel chunks; it writes one fp32 partial tile (and, for the first channel tile, the
+        partial column sums of du: d_b1), summed over the programs afterwards in a fixed order."""
+        # input-channel tiles fastest: they read the same du chunk (from L2)
+        rk, rn, start = _split_m_program(BLOCK_K, BLOCK_N, BLOCK_M, iters, INT64)
+        pid_s = tl.program_id(2)
+        nmask = rn < HD
+        kmask = rk < C
+        DT = du_ptr.dtype.element_ty
+        if LAYER_NORM:
+            g = tl.load(lnw_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            bb = tl.load(lnb_ptr + rk, mask=kmask, other=0.0).to(ACC)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+        accb = tl.zeros([BLOCK_N], ACC)
+        for it in range(0, iters):
+            rm = start + it * BLOCK_M + tl.arange(0, BLOCK_M)
+            mmask = rm < M
+            dut = tl.load(du_ptr + rm[None, :] * HD + rn[:, None], mask=nmask[:, None] & mmask[None, :], other=0.0)
+            m2 = mmask[:, None] & kmask[None, :]
+            xk = tl.load(x_ptr + rm[:, None] * C + rk[None, :], mask=m2, other=0.0).to(ACC)
+            if LAYER_NORM:
+                mean = tl.load(mean_ptr + rm, mask=mmask, other=0.0)
+                rstd = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
+                xk = tl.where(m2, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :], 0.0)
+            acc += tl.dot(dut.to(DT), xk.to(DT), input_precision=DOT_PREC).to(ACC)
+            accb += tl.sum(dut.to(ACC), axis=1)
+        tl.store(part_ptr + pid_s * HD * C + rn[:, None] * C + rk[None, :], acc, mask=nmask[:, None] & kmask[None, :])
+        if tl.program_id(0) == 0:
+            tl.store(partb_ptr + pid_s * HD + rn, accb, mask=nmask)
 
     @triton.jit
     def _irb_dgrad_kernel(dv_ptr, u_ptr, w2_ptr, wc_ptr, du_ptr, part_ptr, scratch_ptr, B, H, W, HD, C,
@@ -271,7 +313,8 @@ if HAS_TRITON:
 #: GPU tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per kernel, from ptxas on sm_90 / sm_80 (the
 #: compile gate): fc1 with 32-deep K tiles spills in fp32 (the FMA dot), fc2 builds its A operand (9
 #: GELU'd taps per element) in registers and spills with 64-row tiles in bf16; these use <= 230 registers.
-GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 128, 16, 8, 1)}
+GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 128, 16, 8, 1),
+              "dw1": (32, 32, 64, 4, 1)}
 #: fc2's weight gradient: about this many programs per SM in all (each walks ``iters`` pixel chunks and
 #: writes one fp32 partial tile; partials = programs * BLOCK_N * BLOCK_K * 4 bytes, ~4 MB on an H100)
 PROGRAMS_PER_SM = 8
@@ -288,10 +331,11 @@ def _config(kind: str, m: int, n: int, k: int):
     return bm, bn, bk, warps, stages
 
 
-def _dw2_config(M: int, C: int, HD: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, iters, splits) of fc2's weight-gradient kernel."""
-    bm, bn, bk, warps, _ = _config("dw2", M, C, HD)
-    tiles = cdiv(C, bn) * cdiv(HD, bk)
+def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, iters, splits) of a split-M weight-gradient kernel ("dw2": n = C, k = HD;
+    "dw1": n = HD, k = C): about ``PROGRAMS_PER_SM`` programs per SM in all, each walking ``iters`` pixel chunks."""
+    bm, bn, bk, warps, _ = _config(kind, M, n, k)
+    tiles = cdiv(n, bn) * cdiv(k, bk)
     chunks = cdiv(M, bm)
     iters = cdiv(chunks, max(1, PROGRAMS_PER_SM * num_sms(device) // tiles))
     return bm, bn, bk, warps, iters, cdiv(chunks, iters)
@@ -358,7 +402,7 @@ def _fc2_weight_grad_triton(dv, u, wc, bc):
     B, H, W, HD = u.shape
     C = dv.shape[-1]
     M = B * H * W
-    bm, bn, bk, warps, iters, splits = _dw2_config(M, C, HD, u.device)
+    bm, bn, bk, warps, iters, splits = _split_m_config("dw2", M, C, HD, u.device)
     part = new_empty((splits, C, HD), acc_dtype(u.dtype), u.device)
     w9 = wc.reshape(HD, 9).t().contiguous()
     with device_guard(u):
@@ -367,6 +411,22 @@ def _fc2_weight_grad_triton(dv, u, wc, bc):
             DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
             **launch_options())
     return part.sum(0)                     # fixed-order reduction over the programs: deterministic
+
+
+def _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias):
+    M, HD = du.shape
+    C = x.shape[-1]
+    bm, bn, bk, warps, iters, splits = _split_m_config("dw1", M, HD, C, du.device)
+    acc = acc_dtype(x.dtype)
+    part = new_empty((splits, HD, C), acc, du.device)
+    partb = new_empty((splits, HD), acc, du.device)
+    ln = norm_weight is not None
+    with device_guard(du):
+        _irb_dw1_kernel[(cdiv(C, bk), cdiv(HD, bn), splits)](
+            du, x, mean, rstd, norm_weight if ln else mean, norm_bias if ln else mean, part, partb, M, C, HD, iters,
+            LAYER_NORM=ln, INT64=needs_int64(du, x, part), ACC=tl_acc(x.dtype), DOT_PREC=_dot_precision(du.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
+    return part.sum(0), partb.sum(0)       # fixed-order reductions over the programs: deterministic
 
 
 def _dgrad_triton(dv, u, w2, wc):
@@ -436,11 +496,12 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
 
 def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps,
                    has_shortcut: bool, need_scale: bool):
-    """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias, dshortcut).  The GEMMs by
+    """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias) (the shortcut's gradient is dy
+    itself, returned by the autograd function without a copy; without a shortcut dx includes it).  The GEMMs by
     torch.mm in the hidden dtype except fc2's weight gradient (:func:`irb_fc2_weight_grad`: its input
     recomputed from u, never stored), the depthwise backward by the dwconv3x3 op (GELU derivative, conv
     transpose, weight partials in one pass), the normalised input recomputed from x and the saved
-    statistics, d_b1 as a column of the d_w1 product, the LayerNorm backward by ATen's fused kernel."""
+    statistics inside fc1's weight-gradient kernel, the LayerNorm backward by ATen's fused kernel."""
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
@@ -456,27 +517,21 @@ def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep,
     du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dv, u, w2.to(hd), wc, bc)
     du = du.reshape(M, HD)
     dxn = torch.mm(du, w1.to(hd)).reshape(B, H, W, C)
+    dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du, x, mean, rstd, norm_weight, norm_bias)
+    dw1, db1 = dw1.to(w1.dtype), db1.to(b1.dtype)
     dnw = dnb = None
     if norm_weight is not None:
         stats = (mean.unsqueeze(-1), rstd.unsqueeze(-1))
-        xn = F.layer_norm(x, (C,), norm_weight.to(x.dtype), norm_bias.to(x.dtype), eps).to(hd)
         # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
         ln = x.dtype if x.device.type in ("cuda", "meta") else acc
         dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
             dxn.to(ln), x.to(ln), [C], *stats, norm_weight.to(ln), norm_bias.to(ln), [True, True, True])
         dx, dnw, dnb = dx.to(x.dtype), dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype)
     else:
-        xn = x.to(hd)
         dx = dxn.to(x.dtype)
-    # d_w1 and d_b1 in one pass over du: a column of ones after the normalised input
-    dwb = torch.mm(du.t(), torch.cat([xn.reshape(M, C), xn.new_ones((M, 1))], 1))
-    dw1, db1 = dwb[:, :C].to(w1.dtype, copy=True), dwb[:, C].to(b1.dtype, copy=True)
-    dshortcut = None
-    if has_shortcut:
-        dshortcut = dy.clone()
-    else:
+    if not has_shortcut:
         dx = dx + dy
-    return (dx, dw1, db1, dwc.to(wc.dtype), dbc.to(bc.dtype), dw2, db2, dscale, dnw, dnb, dshortcut)
+    return (dx, dw1, db1, dwc.to(wc.dtype), dbc.to(bc.dtype), dw2, db2, dscale, dnw, dnb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +573,30 @@ def _(dv, u, wc, bc):
     return u.new_empty((dv.shape[-1], u.shape[-1]), dtype=acc_dtype(u.dtype))
 
 
+@torch.library.custom_op("lrformer::irb_fc1_weight_grad", mutates_args=())
+def irb_fc1_weight_grad(du: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        norm_weight: Optional[torch.Tensor],
+                        norm_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's (weight (HD, C), bias (HD,)) gradients in the math dtype: ``du^T xn`` and ``du^T 1``, du (M, HD) in
+    the hidden dtype, ``xn = (x - mean) * rstd * norm_weight + norm_bias`` from x (B, H, W, C) and the
+    forward's row statistics (B, H, W) (x itself without norm parameters).  The kernel never stores xn."""
+    if use_kernel(du):
+        return _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias)
+    C, acc = x.shape[-1], acc_dtype(x.dtype)
+    xn = x.to(acc)
+    if norm_weight is not None:
+        xn = (xn - mean[..., None]) * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc)
+    xn = xn.to(du.dtype).reshape(-1, C)
+    dwb = torch.mm(du.t(), torch.cat([xn, xn.new_ones((xn.shape[0], 1))], 1)).to(acc)
+    return dwb[:, :C].contiguous(), dwb[:, C].contiguous()
+
+
+@irb_fc1_weight_grad.register_fake
+def _(du, x, mean, rstd, norm_weight, norm_bias):
+    acc = acc_dtype(x.dtype)
+    return du.new_empty((du.shape[1], x.shape[-1]), dtype=acc), du.new_empty((du.shape[1],), dtype=acc)
+
+
 @torch.library.custom_op("lrformer::irb_dgrad", mutates_args=())
 def irb_dgrad(dv: torch.Tensor, u: torch.Tensor, w2: torch.Tensor, wc: torch.Tensor,
               bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -557,7 +636,7 @@ def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight,
     def like(t, on=True):
         return t.new_empty(t.shape) if (t is not None and on) else x.new_empty((0,))
     return [like(x), like(w1), like(b1), like(wc), like(bc), like(w2), like(b2), like(scale, need_scale),
-            like(norm_weight), like(norm_bias), like(x, has_shortcut)]
+            like(norm_weight), like(norm_bias)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -577,10 +656,10 @@ def _backward(ctx, dy, _du, _dmean, _drstd, _dv):
         return (None,) * 15
     g = _irb_backward_op(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                          ctx.eps, ctx.has_shortcut, ctx.need_scale)
-    dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnw, dnb, dshortcut = g
+    dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnw, dnb = g
     return (dx, dw1, db1, dwc, dbc, dw2, db2, dscale if ctx.need_scale else None, None,
             dnw if norm_weight is not None else None, dnb if norm_weight is not None else None, None,
-            dshortcut if ctx.has_shortcut else None, None, None)
+            dy if ctx.has_shortcut else None, None, None)
 
 
 _irb_op.register_autograd(_backward, setup_context=_setup_context)

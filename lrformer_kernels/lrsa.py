@@ -29,16 +29,19 @@ def lrsa_low(ops: Ops, x: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: O
     depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead).
     """
     B, H, W, C = x.shape
+    # views by one split each (their backward is one concatenation, where slices would each build a
+    # zero-filled full-size gradient and add them up)
     pooled = ops.pyramid_pool(x, grids)                     # (B, Nq + M, C), one call
     hq, wq = grids[0]
     nq = hq * wq
-    q = F.linear(pooled[:, :nq], q_weight, q_bias)
     if d_convs is None:                                     # the kv tokens are already concatenated
-        kv_tokens = pooled[:, nq:]
+        q_tokens, kv_tokens = pooled.split([nq, pooled.shape[1] - nq], dim=1)
     else:
-        maps = split_pyramid(pooled, grids)[1:]
+        q_map, *maps = split_pyramid(pooled, grids)
+        q_tokens = q_map.flatten(1, 2)
         kv_tokens = torch.cat([ops.dwconv3x3(m, dc.weight, dc.bias, residual=True).reshape(B, -1, C)
                                for m, dc in zip(maps, d_convs)], dim=1)
-    kvt = kv(norm(kv_tokens))
-    o = ops.lowres_attention(q, kvt[..., :C], kvt[..., C:], num_heads, scale)
+    q = F.linear(q_tokens, q_weight, q_bias)
+    k, v = kv(norm(kv_tokens)).split(C, dim=-1)
+    o = ops.lowres_attention(q, k, v, num_heads, scale)
     return proj(o).reshape(B, hq, wq, C)

@@ -512,8 +512,5 @@ def split_pyramid(out: Tensor, grids: Sequence[Sequence[int]]) -> List[Tensor]:
     B, n, C = out.shape
     if n != pyramid_total(pairs):
         raise ValueError(f"out has {n} cells but grids {pairs} have {pyramid_total(pairs)}")
-    views, start = [], 0
-    for gh, gw in pairs:
-        views.append(out[:, start:start + gh * gw].unflatten(1, (gh, gw)))
-        start += gh * gw
-    return views
+    # one split (its backward is one concatenation; per-grid slices would each build a full-size gradient)
+    return [v.unflatten(1, (gh, gw)) for v, (gh, gw) in zip(out.split([gh * gw for gh, gw in pairs], dim=1), pairs)]

@@ -144,7 +144,7 @@ def test_fc2_weight_grad_op(monkeypatch):
     dv = torch.randn(2 * 9 * 13, 40, dtype=torch.float64)
     u = torch.randn(2, 9, 13, 80, dtype=torch.float64)
     wc, bc = torch.randn(80, 1, 3, 3, dtype=torch.float64), torch.randn(80, dtype=torch.float64)
-    assert mod._dw2_config(dv.shape[0], 40, 80, u.device)[5] > 1
+    assert mod._split_m_config("dw2", dv.shape[0], 40, 80, u.device)[5] > 1
     a = mod.dwconv3x3_reference(u, wc, bc, gelu=True, residual=True).reshape(-1, 80)
     assert rel_err(mod.irb_fc2_weight_grad(dv, u, wc, bc), dv.t() @ a) < 1e-12
     torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, (dv, u, wc, bc),
@@ -174,6 +174,28 @@ def test_dgrad_op(monkeypatch, sms):
         for name, g, r in zip(("du", "dwc", "dbc"), got, want):
             assert g.shape == r.shape and rel_err(g, r) < 1e-12, (name, (B, H, W, C, HD), rel_err(g, r))
     torch.library.opcheck(torch.ops.lrformer.irb_dgrad, (dv, u, w2, wc.detach(), bc),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("ln", [True, False])
+def test_fc1_weight_grad_op(monkeypatch, ln):
+    """fc1's weight and bias gradients with the normalised input recomputed from x and the row statistics, alone:
+    several hidden, channel and pixel-split tiles, partial ones (the GPU config with an H100's SM count), float64
+    against du^T [xn | 1]; outputs poisoned; opcheck."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", 132)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    B, H, W, C, HD = 2, 9, 13, 80, 48
+    x = 2 + 3 * torch.randn(B, H, W, C, dtype=torch.float64)
+    du = torch.randn(B * H * W, HD, dtype=torch.float64)
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + 1e-6)
+    nw, nb = (1 + 0.1 * torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)) if ln else (None, None)
+    assert mod._split_m_config("dw1", B * H * W, HD, C, x.device)[5] > 1
+    xn = torch.nn.functional.layer_norm(x, (C,), nw, nb, 1e-6) if ln else x
+    dw1, db1 = mod.irb_fc1_weight_grad(du, x, mean, rstd, nw, nb)
+    assert rel_err(dw1, du.t() @ xn.reshape(-1, C)) < 1e-12 and rel_err(db1, du.sum(0)) < 1e-12
+    torch.library.opcheck(torch.ops.lrformer.irb_fc1_weight_grad, (du, x, mean, rstd, nw, nb),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -181,8 +181,19 @@ def _fc2_weight_grad_extra(args, out) -> int:
     irb = _kernels("irb")
     dv, u, wc = args[0], args[1], args[2]
     with _gpu_tiles():
-        splits = irb._dw2_config(dv.shape[0], dv.shape[1], u.shape[-1], u.device)[5]
+        splits = irb._split_m_config("dw2", dv.shape[0], dv.shape[1], u.shape[-1], u.device)[5]
     return 2 * splits * tensor_bytes(out) + 2 * tensor_bytes(wc)
+
+
+def _fc1_weight_grad_extra(args, out) -> int:
+    """One launch (du read once: the channel tiles of a chunk are consecutive programs; x and the row
+    statistics once, the normalised input recomputed) writing fp32 partials (splits, HD, C + 1), read by the
+    fixed-order sums."""
+    irb = _kernels("irb")
+    du, x = args[0], args[1]
+    with _gpu_tiles():
+        splits = irb._split_m_config("dw1", du.shape[0], du.shape[1], x.shape[-1], du.device)[5]
+    return 2 * splits * _all_bytes(out)
 
 
 def _dgrad_tiles(dv, u):
@@ -242,6 +253,7 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::irb_backward": _irb_backward_extra,
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_extra,
     "lrformer::irb_dgrad": _dgrad_extra,
+    "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_extra,
 }
 
 
@@ -293,8 +305,14 @@ def _fc2_weight_grad_flops(args, out) -> int:
     dv, u = args[0], args[1]
     M, C, HD = dv.shape[0], dv.shape[1], u.shape[-1]
     with _gpu_tiles():
-        bn = irb._dw2_config(M, C, HD, u.device)[1]
+        bn = irb._split_m_config("dw2", M, C, HD, u.device)[1]
     return 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn))
+
+
+def _fc1_weight_grad_flops(args, out) -> int:
+    """du^T [xn | 1]: 2 M HD (C + 1), as the product with a column of ones it replaces."""
+    du, x = args[0], args[1]
+    return 2 * du.shape[0] * du.shape[1] * (x.shape[-1] + 1)
 
 
 def _dgrad_flops(args, out) -> int:
@@ -325,6 +343,7 @@ FUSED_FLOPS: Dict[str, Callable] = {
     "lrformer::irb_backward": _irb_backward_flops,
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_flops,
     "lrformer::irb_dgrad": _dgrad_flops,
+    "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_flops,
 }
 
 
