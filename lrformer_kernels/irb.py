@@ -510,8 +510,8 @@ def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep,
     dv = (dy if s is None else dy * s).reshape(M, C).to(hd)
     dscale = None
     if need_scale:
-        kv = v if keep is None else v * keep.to(v.dtype).reshape(B, 1, 1, 1)
-        dscale = (dy * kv).sum((0, 1, 2), dtype=acc).to(scale.dtype)
+        dvs = (dy * v).sum((1, 2), dtype=acc)            # (B, C): the drop-path factor applied per sample after
+        dscale = (dvs if keep is None else dvs * keep.to(acc)[:, None]).sum(0).to(scale.dtype)
     db2 = dv.sum(0, dtype=acc).to(b2.dtype)
     dw2 = torch.ops.lrformer.irb_fc2_weight_grad(dv, u, wc, bc).to(w2.dtype)
     du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dv, u, w2.to(hd), wc, bc)
