@@ -217,6 +217,7 @@ if HAS_TRITON:
             bb = tl.load(lnb_ptr + rk, mask=kmask, other=0.0).to(ACC)
         acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
         accb = tl.zeros([BLOCK_N], ACC)
+        first = tl.program_id(0) == 0
         for it in range(0, iters):
             rm = start + it * BLOCK_M + tl.arange(0, BLOCK_M)
             mmask = rm < M
@@ -228,9 +229,10 @@ if HAS_TRITON:
                 rstd = tl.load(rstd_ptr + rm, mask=mmask, other=0.0)
                 xk = tl.where(m2, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :], 0.0)
             acc += tl.dot(dut.to(DT), xk.to(DT), input_precision=DOT_PREC).to(ACC)
-            accb += tl.sum(dut.to(ACC), axis=1)
+            if first:                       # d_b1: summed by the first channel tile's programs only
+                accb += tl.sum(dut.to(ACC), axis=1)
         tl.store(part_ptr + pid_s * HD * C + rn[:, None] * C + rk[None, :], acc, mask=nmask[:, None] & kmask[None, :])
-        if tl.program_id(0) == 0:
+        if first:
             tl.store(partb_ptr + pid_s * HD + rn, accb, mask=nmask)
 
     @triton.jit
@@ -472,6 +474,11 @@ def irb_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     return res + (h if s is None else h * s)
 
 
+def _normalized(xa, mean, rstd, norm_weight, norm_bias):
+    """The LayerNorm of xa (in the math dtype) from its row statistics (mean, 1/std)."""
+    return (xa - mean[..., None]) * rstd[..., None] * norm_weight.to(xa.dtype) + norm_bias.to(xa.dtype)
+
+
 def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
                        store_v):
     """The op's outputs (out, u, mean, rstd, v) by PyTorch (CPU without the interpreter)."""
@@ -481,7 +488,7 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
     if norm_weight is not None:
         var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
         rstd = torch.rsqrt(var + eps)
-        xn = ((xa - mean[..., None]) * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc))
+        xn = _normalized(xa, mean, rstd, norm_weight, norm_bias)
     else:
         mean, rstd = xa.new_zeros((B, H, W)), xa.new_zeros((B, H, W))
         xn = xa
@@ -494,7 +501,7 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
     return out, u, mean, rstd, (v.to(x.dtype) if store_v else x.new_empty((0,)))
 
 
-def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps,
+def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                    has_shortcut: bool, need_scale: bool):
     """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias) (the shortcut's gradient is dy
     itself, returned by the autograd function without a copy; without a shortcut dx includes it).  The GEMMs by
@@ -585,7 +592,7 @@ def irb_fc1_weight_grad(du: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
     C, acc = x.shape[-1], acc_dtype(x.dtype)
     xn = x.to(acc)
     if norm_weight is not None:
-        xn = (xn - mean[..., None]) * rstd[..., None] * norm_weight.to(acc) + norm_bias.to(acc)
+        xn = _normalized(xn, mean, rstd, norm_weight, norm_bias)
     xn = xn.to(du.dtype).reshape(-1, C)
     dwb = torch.mm(du.t(), torch.cat([xn, xn.new_ones((xn.shape[0], 1))], 1)).to(acc)
     return dwb[:, :C].contiguous(), dwb[:, C].contiguous()
@@ -622,16 +629,16 @@ def _(dv, u, w2, wc, bc):
 def _irb_backward_op(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                      v: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
                      w2: torch.Tensor, b2: torch.Tensor, scale: Optional[torch.Tensor], keep: Optional[torch.Tensor],
-                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float,
+                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
                      has_shortcut: bool, need_scale: bool) -> list[torch.Tensor]:
     """The gradients of :func:`_backward_impl`; one that does not exist is an empty (0,) tensor."""
-    grads = _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps,
+    grads = _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                            has_shortcut, need_scale)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
 @_irb_backward_op.register_fake
-def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, has_shortcut,
+def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, has_shortcut,
       need_scale):
     def like(t, on=True):
         return t.new_empty(t.shape) if (t is not None and on) else x.new_empty((0,))
@@ -640,12 +647,11 @@ def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight,
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v = inputs
+    x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, _eps, shortcut, hidden_dtype, store_v = inputs
     _, u, mean, rstd, v = output
     ctx.save_for_backward(x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias)
     ctx.mark_non_differentiable(u, mean, rstd, v)
     ctx.set_materialize_grads(False)       # no zero-filled gradients for the non-differentiable outputs
-    ctx.eps = eps
     ctx.has_shortcut = shortcut is not None
     ctx.need_scale = store_v
 
@@ -655,7 +661,7 @@ def _backward(ctx, dy, _du, _dmean, _drstd, _dv):
     if dy is None:                          # only the non-differentiable outputs were used
         return (None,) * 15
     g = _irb_backward_op(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
-                         ctx.eps, ctx.has_shortcut, ctx.need_scale)
+                         ctx.has_shortcut, ctx.need_scale)
     dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnw, dnb = g
     return (dx, dw1, db1, dwc, dbc, dw2, db2, dscale if ctx.need_scale else None, None,
             dnw if norm_weight is not None else None, dnb if norm_weight is not None else None, None,
