@@ -38,9 +38,9 @@ FLOPS_COLUMNS = ["model", "image", "height", "width", "num_classes", "params", "
 ATTN_FLOPS_COLUMNS = ["kind", "label", "stage", "dim", "heads", "image", "map", "tokens", "gflops",
                       "gflops_closed_form", "match", "note", "status", "device", "torch", "triton"]
 TRAFFIC_COLUMNS = ["section", "case", "stage", "image", "shape", "batch", "dtype", "mode", "status", "eager_gb",
-                   "fused_gb", "ratio", "eager_gflop", "fused_gflop", "flop_ratio", "eager_ops", "fused_ops",
-                   "fused_op_gb", "eager_top_gb",
-                   "eager_bytes", "fused_bytes", "device", "torch", "triton"]
+                   "fused_gb", "ratio", "compile_gb", "fused_compile_gb", "compile_ratio", "eager_gflop",
+                   "fused_gflop", "flop_ratio", "eager_ops", "fused_ops", "fused_op_gb", "eager_top_gb",
+                   "eager_bytes", "fused_bytes", "compile_bytes", "fused_compile_bytes", "device", "torch", "triton"]
 FILES = {  # output name -> (case sections, columns)
     "flops": (("flops",), FLOPS_COLUMNS),
     "attention_flops": (("attention_flops",), ATTN_FLOPS_COLUMNS),
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None, help="model variants for the model sweep, e.g. t,s")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget; cases that no longer fit are skipped (and reported)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases (timings and the traffic model's compile columns)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -177,7 +177,7 @@ def make_config(args) -> SW.Config:
         cfg.model_variants = cfg.train_variants = vs
         cfg.flops_variants = vs
     if args.no_compile:
-        cfg.compile = False
+        cfg.compile = cfg.traffic_compile = False
     return cfg
 
 

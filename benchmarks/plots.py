@@ -218,31 +218,40 @@ def plot_model(folder, out):
 
 
 def plot_traffic(folder, out):
-    """Bytes moved (traffic model, not a timing): eager vs fused per case, one panel per image size."""
+    """Bytes moved (traffic model, not a timing): eager / fused and torch.compile / fused per case, one
+    panel per image size."""
     meta, rows = load(folder, "traffic")
     rows = [r for r in rows if r.get("eager_gb") is not None]
     if not rows:
         return
     images = sorted({r["image"] for r in rows}, key=_mpix)
-    fig, axes = plt.subplots(1, len(images), figsize=(max(7.0, 6.0 * len(images)), 7.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(images), figsize=(max(7.0, 6.5 * len(images)), 8.5), squeeze=False)
     for ax, img in zip(axes[0], images):
         rs = [r for r in rows if r["image"] == img]
         labels = [f"{r['case']}{' s' + str(r['stage']) if r.get('stage') else ''} {r['mode']}" for r in rs]
         ys = list(range(len(rs)))
-        ax.barh(ys, [r["ratio"] for r in rs], 0.7, color=IMPL_COLOR["fused"])
+        comp = [r.get("compile_ratio") for r in rs]
+        ax.barh([y - 0.2 for y in ys], [r["ratio"] for r in rs], 0.4, color=IMPL_COLOR["eager"],
+                label="eager / fused")
+        if any(c is not None for c in comp):
+            ax.barh([y + 0.2 for y in ys], [c or 0 for c in comp], 0.4, color=IMPL_COLOR["compile"],
+                    label="torch.compile / fused")
         for y, r in zip(ys, rs):
-            ax.text(r["ratio"], y, f" {r['ratio']:.2f}x  ({r['eager_gb']:.3g} -> {r['fused_gb']:.3g} GB)",
-                    va="center", fontsize=6)
+            txt = f" {r['ratio']:.2f}x  ({r['eager_gb']:.3g} -> {r['fused_gb']:.3g} GB)"
+            if r.get("compile_ratio") is not None:
+                txt += f";  compile {r['compile_gb']:.3g} GB: {r['compile_ratio']:.2f}x"
+            ax.text(max(r["ratio"], r.get("compile_ratio") or 0), y, txt, va="center", fontsize=5.5)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=6)
         ax.invert_yaxis()
-        ax.set_xlim(0, 1.45 * max(r["ratio"] for r in rs))      # bars start at zero
-        ax.set_xlabel("eager bytes / fused bytes (model)")
+        ax.set_xlim(0, 1.9 * max(max(r["ratio"], r.get("compile_ratio") or 0) for r in rs))   # bars start at zero
+        ax.set_xlabel("bytes of the peer / bytes of the fused path (model)")
         ax.set_title(f"{img}, batch {rs[0]['batch']}, {rs[0]['dtype']}", fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle("Traffic model: bytes every op reads + writes, eager / fused (a bound on the memory-bound "
-                 "speed-up, not a timing)", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle("Traffic model: bytes every op (every inductor kernel) reads + writes, peer / fused (a bound on "
+                 "the memory-bound speed-up, not a timing)", fontsize=9)
     _save(fig, folder, "traffic.png", out, dpi=130)
 
 

@@ -147,14 +147,16 @@ def traffic_table(folder) -> str:
     rows = [r for r in rows if r.get("eager_gb") is not None]
     if not rows:
         return ""
+    gb = lambda r, k: f"{r[k]:.3f}" if r.get(k) is not None else "-"  # noqa: E731
     out = [[r["case"], str(r.get("stage") or "-"), r["image"], str(r["batch"]), r["dtype"], r["mode"],
-            f"{r['eager_gb']:.3f}", f"{r['fused_gb']:.3f}", f"{r['ratio']:.2f}x",
+            gb(r, "eager_gb"), gb(r, "compile_gb"), gb(r, "fused_gb"), gb(r, "fused_compile_gb"),
+            f"{r['ratio']:.2f}x", f"{r['compile_ratio']:.2f}x" if r.get("compile_ratio") is not None else "-",
             f"{r['eager_gflop']:.1f} / {r['fused_gflop']:.1f}" if r.get("eager_gflop") is not None else "-"]
            for r in rows]
-    hdr = ["case", "stage", "image", "batch", "dtype", "pass", "eager GB", "fused GB", "eager / fused",
-           "GFLOP eager / fused"]
-    return ("### Traffic model (bytes counted per op on the meta device; a bound on the memory-bound "
-            "speed-up, not a timing)\n\n" + _table(hdr, out))
+    hdr = ["case", "stage", "image", "batch", "dtype", "pass", "eager GB", "compile GB", "fused GB",
+           "fused + compile GB", "eager / fused", "compile / fused", "GFLOP eager / fused"]
+    return ("### Traffic model (bytes counted per op on the meta device, torch.compile's by inductor scheduled "
+            "for a modelled CUDA device; a bound on the memory-bound speed-up, not a timing)\n\n" + _table(hdr, out))
 
 
 def summarize(folder: str) -> str:

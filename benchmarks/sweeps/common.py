@@ -52,6 +52,7 @@ class Config:
     compile_model_variant: str = "s"
     traffic_sizes: Tuple[Tuple[int, int], ...] = ((512, 512), (1024, 1024))   # meta device: any machine
     traffic_batch: int = 8
+    traffic_compile: bool = True        # the torch.compile columns (inductor scheduled for a modelled CUDA)
     timing: TimingSettings = field(default_factory=TimingSettings)
 
     @property
@@ -84,7 +85,7 @@ def default_config(device: torch.device, quick: bool = False) -> Config:
                       attn_sizes=sq(128, 256), attn_latency_sizes=sq(256) if cuda else (),
                       op_images=sq(128), model_variants=("t",), model_sizes=sq(96),
                       train_sizes=sq(96), train_variants=("t",), compile=False,
-                      traffic_sizes=sq(64), traffic_batch=1,
+                      traffic_sizes=sq(64), traffic_batch=1, traffic_compile=False,
                       timing=TimingSettings(warmup_ms=5, target_ms=20, min_reps=3, max_reps=20,
                                             cpu_target_s=0.05, cpu_max_reps=2, max_sets=3))
     full_sizes = sq(512, 768, 1024, 1536, 2048) + ((1024, 2048),)

@@ -21,7 +21,11 @@ The ratio eager / fused is therefore a bound on the speed-up of a memory-bound s
 kernels can win when bandwidth is the limit), not a measured or predicted time.  Cases: LRSA (with its
 stage's depthwise convs) and one Block of each LRFormer-S stage, forward and forward+backward; the
 LRFormer-S encoder forward; the LRFormer-S segmentor forward+backward alone (a gradient on its logits);
-a full training step of it (forward, its loss, backward, AdamW step).  Beside the bytes, the FLOPs of
+a full training step of it (forward, its loss, backward, AdamW step).  The peers beside eager: each case
+under ``torch.compile``, the eager model and the fused one (:mod:`.inductor`: inductor scheduled for a
+modelled CUDA device, its own count of what every generated kernel and extern call reads and writes, the
+same rule; the training step compiles forward, loss and backward as one function and adds the eager AdamW
+step).  Beside the bytes, the FLOPs of
 matrix products and convolutions (:func:`op_flops`), recomputation in the fused ops included.  bf16 tensors throughout, parameters included (with autocast the per-step
 weight casts and fp32 master weights would add the same bytes to both paths).
 """
@@ -391,6 +395,14 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "aten" and func._can_decompose():
+            # a composite op (to, reshape, contiguous, ...) reaches the mode undecomposed below autograd (the
+            # sequences a fused op's rule runs inside another op): count what it decomposes into (a cast or a
+            # copy), not the op, whose schema says it may alias its input
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         n = op_bytes(func, args, kwargs, out)
         self.flops += op_flops(func, args, kwargs, out)
@@ -432,15 +444,19 @@ def op_bytes(func, args, kwargs, out):
 
 
 # ------------------------------------------------------------------------------------------- cases
-def _count(build: Callable, run: Callable, fused: bool) -> TrafficCounter:
-    """Build the module on meta in bf16 (fused or not) and count one ``run(module)``."""
+def _meta_module(build: Callable, fused: bool) -> nn.Module:
+    """The module built on meta in bf16, fused or not."""
     import lrformer_kernels
     with torch.device("meta"):
         module = build()
     module = module.to(torch.bfloat16)
-    if fused:
-        lrformer_kernels.fuse(module)
+    return lrformer_kernels.fuse(module) if fused else module
+
+
+def _count(build: Callable, run: Callable, fused: bool) -> TrafficCounter:
+    """Count one ``run(module)`` of the module built on meta in bf16 (fused or not)."""
     counter = TrafficCounter()
+    module = _meta_module(build, fused)
     with counter:
         run(module)
     return counter
@@ -452,50 +468,93 @@ def _stage_module(kind: str, s: int) -> nn.Module:
     return AB.LRSAAttention(S_DIMS[s - 1], S_HEADS[s - 1]) if kind == "LRSA" else StageBlock(s)
 
 
+def _same(fn):
+    return fn
+
+
 def _module_run(shape, backward: bool):
-    def run(m):
+    def run(m, dev="meta", ic=None):
         m.train(backward)
-        x = torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=backward)
-        y = m(x)
+        x = torch.empty(shape, device=dev, dtype=torch.bfloat16, requires_grad=backward)
+        y = (ic.count if ic else _same)(m)(x)
         if backward:
             y.backward(torch.empty_like(y))
     return run
 
 
 def _encoder_run(img, batch):
-    def run(m):
+    def run(m, dev="meta", ic=None):
         m.eval()
         with torch.no_grad():
-            m(torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16))
+            (ic.count if ic else _same)(m)(torch.empty(batch, 3, img[0], img[1], device=dev, dtype=torch.bfloat16))
     return run
 
 
+def _adamw_step(params):
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _adamw_bytes(params) -> int:
+    """The eager AdamW step's bytes on ``params`` (meta copies, with gradients): the part of a training step
+    that stays outside the compiled functions (the same in every column)."""
+    metas = [torch.empty_like(p, device="meta").requires_grad_() for p in params]
+    for p in metas:
+        p.grad = torch.empty_like(p)
+    with TrafficCounter() as counter:
+        _adamw_step(metas)
+    return counter.bytes
+
+
 def _train_run(img, batch):
-    def run(model):
+    """Forward, loss, backward (compiled as one function in the compile columns), then the AdamW step."""
+    def run(model, dev="meta", ic=None):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        images = torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16)
-        labels = torch.empty(batch, img[0], img[1], device="meta", dtype=torch.long)
-        loss = model.loss(images, labels, model(images))
+        images = torch.empty(batch, 3, img[0], img[1], device=dev, dtype=torch.bfloat16)
+        labels = torch.empty(batch, img[0], img[1], device=dev, dtype=torch.long)
+        loss = (ic.count if ic else _same)(lambda im, lb: model.loss(im, lb, model(im)))(images, labels)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if ic:
+            ic.bytes += _adamw_bytes(list(model.parameters()))
+        else:
+            _adamw_step(model.parameters())
     return run
 
 
 def _model_run(img, batch):
     """The segmentor alone, forward and backward (a gradient on its stride-8 logits): the step without its
     loss and optimizer, whose bytes would dilute the model's ratio."""
-    def run(model):
+    def run(model, dev="meta", ic=None):
         model.train()
-        logits = model(torch.empty(batch, 3, img[0], img[1], device="meta", dtype=torch.bfloat16))
+        logits = (ic.count if ic else _same)(model)(
+            torch.empty(batch, 3, img[0], img[1], device=dev, dtype=torch.bfloat16))
         logits.backward(torch.empty_like(logits))
     return run
 
 
-def traffic_row(build: Callable, run: Callable) -> dict:
-    """The row of one case: bytes, GB, dispatched ops of each path, their ratio, the eager path's top ops."""
+def _compile_count(build: Callable, run: Callable, fused: bool) -> int:
+    """The bytes ``torch.compile`` moves on ``run`` (the eager or the fused module compiled), modelled for
+    CUDA by :class:`~benchmarks.sweeps.inductor.InductorCount` on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .inductor import InductorCount
+    module = _meta_module(build, fused)
+    ic = InductorCount(FUSED_EXTRA)
+    with _gpu_tiles(), ic.device(), FakeTensorMode(allow_non_fake_inputs=True):
+        run(module.to_empty(device="cpu"), "cpu", ic)
+    return ic.bytes
+
+
+def traffic_row(build: Callable, run: Callable, compiled: bool = True) -> dict:
+    """The row of one case: bytes, GB, dispatched ops of each path, their ratio, the eager path's top ops;
+    with ``compiled``, the bytes of both under ``torch.compile`` (modelled CUDA inductor)."""
     eager, fused = _count(build, run, False), _count(build, run, True)
+    comp = {}
+    if compiled:
+        cb, fcb = _compile_count(build, run, False), _compile_count(build, run, True)
+        comp = dict(compile_gb=round(cb / 1e9, 4), fused_compile_gb=round(fcb / 1e9, 4),
+                    compile_ratio=round(cb / fused.bytes, 3), compile_bytes=cb, fused_compile_bytes=fcb)
     top = ", ".join(f"{op.replace('aten::', '')} {b / 1e9:.2f}"
                     for op, b in eager.by_op.most_common(3))
     return dict(eager_bytes=eager.bytes, fused_bytes=fused.bytes, eager_gb=round(eager.bytes / 1e9, 4),
@@ -503,7 +562,7 @@ def traffic_row(build: Callable, run: Callable) -> dict:
                 eager_ops=eager.ops, fused_ops=fused.ops, eager_top_gb=top,
                 fused_op_gb=round(sum(b for op, b in fused.by_op.items() if op.startswith("lrformer::")) / 1e9, 4),
                 eager_gflop=round(eager.flops / 1e9, 2), fused_gflop=round(fused.flops / 1e9, 2),
-                flop_ratio=round(fused.flops / eager.flops, 3) if eager.flops else None)
+                flop_ratio=round(fused.flops / eager.flops, 3) if eager.flops else None, **comp)
 
 
 def traffic_cases(cfg: Config) -> List[Case]:
@@ -512,7 +571,7 @@ def traffic_cases(cfg: Config) -> List[Case]:
 
     from ..registry import stage_map_size
     cases: List[Case] = []
-    B = cfg.traffic_batch
+    B, tc = cfg.traffic_batch, cfg.traffic_compile
     for img in cfg.traffic_sizes:
         base = dict(section="traffic", image=size_str(img), batch=B, dtype="bf16")
         for kind in ("LRSA", "Block"):
@@ -521,15 +580,15 @@ def traffic_cases(cfg: Config) -> List[Case]:
                 for mode in ("fwd", "fwd+bwd"):
                     key = dict(base, case=kind, stage=s, mode=mode, shape=f"{B}x{h}x{w}x{S_DIMS[s - 1]}")
                     cases.append(Case("traffic", key, lambda kind=kind, s=s, sh=(B, h, w, S_DIMS[s - 1]), m=mode:
-                                      traffic_row(lambda: _stage_module(kind, s), _module_run(sh, m != "fwd")),
+                                      traffic_row(lambda: _stage_module(kind, s), _module_run(sh, m != "fwd"), tc),
                                       essential=True))
         key = dict(base, case="LRFormer-S encoder", mode="fwd", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
-            lambda: create_encoder("s"), _encoder_run(img, B)), essential=True))
+            lambda: create_encoder("s"), _encoder_run(img, B), tc), essential=True))
         key = dict(base, case="LRFormer-S segmentor", mode="fwd+bwd", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
-            lambda: create_model("lrformer_s", num_classes=150), _model_run(img, B)), essential=True))
+            lambda: create_model("lrformer_s", num_classes=150), _model_run(img, B), tc), essential=True))
         key = dict(base, case="LRFormer-S training step", mode="fwd+bwd+AdamW", shape=f"{B}x3x{img[0]}x{img[1]}")
         cases.append(Case("traffic", key, lambda img=img: traffic_row(
-            lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B)), essential=True))
+            lambda: create_model("lrformer_s", num_classes=150), _train_run(img, B), tc), essential=True))
     return cases

@@ -29,13 +29,14 @@ def check_images(images, where: str = "images") -> None:
 
 def check_labels(labels, num_classes: int) -> None:
     """Labels (B, H, W) integers in [0, num_classes) or 255 (ignored).  The value range is checked on
-    CPU tensors only (on a GPU it would cost a host sync every training step)."""
+    CPU tensors only, and not under ``torch.compile`` (on a GPU it would cost a host sync every training
+    step; traced, it would break the graph)."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be (B, H, W), got {shape}")
     if labels.is_floating_point():
         raise TypeError(f"labels must be integers, got {labels.dtype}")
-    if labels.device.type != "cpu":
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
         return
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
