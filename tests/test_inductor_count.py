@@ -33,6 +33,17 @@ def test_hand_checked_graph():
     assert ic.bytes == x + w + p + p + x + out
 
 
+def test_counts_whatever_has_triton_said_before(monkeypatch):
+    """Inductor refuses to schedule for a GPU when ``has_triton()`` says no (as it can after an earlier caller
+    without a usable Triton, e.g. a CPU-only run that cached the answer): the modelled device answers yes
+    for the count and the caller's answer is back afterwards."""
+    import torch._inductor.scheduler as scheduler
+    monkeypatch.setattr(scheduler, "has_triton", lambda: False)
+    ic = _compiled(_f, (1024, 256), (256, 256))
+    assert ic.graphs == 1 and ic.bytes == 2 * (1024 * 256 * 4) * 2 + 256 * 256 * 4 + 1024 * 4
+    assert scheduler.has_triton() is False
+
+
 def test_backward_graph_counted_and_patches_restored():
     props, ctm = torch.cuda.get_device_properties, torch._inductor.graph.GraphLowering.compile_to_module
     fallback = inductor_config.fallback_random

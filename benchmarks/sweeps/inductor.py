@@ -138,6 +138,13 @@ class InductorCount:
                    (torch.cuda, "is_bf16_supported", lambda *a, **k: True),
                    (joint_graph, "lazy_init", lambda input_device=None: lazy_init(torch.device("cpu"))),
                    (GraphLowering, "compile_to_module", lambda graph: self._scheduled(graph))]
+        # inductor asks has_triton() before scheduling for a GPU: the modelled device has it (the package itself
+        # is not needed: nothing is compiled), whatever an earlier caller's environment made it answer
+        import torch._inductor.compile_fx as compile_fx
+        import torch._inductor.scheduler as scheduler
+        import torch.utils._triton as utils_triton
+        patches += [(m, "has_triton", lambda: True) for m in (utils_triton, scheduler, compile_fx)
+                    if hasattr(m, "has_triton")]
         torch._dynamo.reset()
         try:
             with _patched(patches), config.patch(fx_graph_cache=False, fallback_random=True, compile_threads=1):
