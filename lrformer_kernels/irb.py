@@ -22,10 +22,13 @@ Design (two kernels forward; the hidden map written once and read once)
   epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
   written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
   A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
-* Backward (:func:`_backward_impl`): dxn = du w1 as ``torch.mm`` (cuBLAS); fc1's weight and bias
+* Backward (:func:`_backward_impl`): dv = dy * scale[c] * keep[b] is formed by the kernels that read it as
+  they load dy (never stored).  dx by ``_irb_dx_kernel`` (maps up to ``DX_MAX_C`` wide; wider ones: torch.mm
+  and ATen's LayerNorm backward): the GEMM dxn = du w1 over whole rows with the LayerNorm backward and the
+  block residual's dy in its epilogue (dxn never stored); fc1's weight and bias
   gradients du^T [xn | 1] as ``_irb_dw1_kernel`` (xn recomputed from x and the saved statistics, never
-  stored); fc2's weight gradient dv^T a as ``_irb_dw2_kernel`` (a recomputed from u's taps, never
-  stored); and ``_irb_dgrad_kernel`` from dv to du: per tile of the map with a one-pixel halo it computes
+  stored); fc2's weight and bias gradients dv^T [a | 1] as ``_irb_dw2_kernel`` (a recomputed from u's taps,
+  never stored); and ``_irb_dgrad_kernel`` from dv to du: per tile of the map with a one-pixel halo it computes
   da = dv w2 (a GEMM over C, the halo recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to
   the program's own scratch tile (L1/L2; a register tile cannot be shifted across pixels in Triton
   3.6-3.9, and ``tl.gather`` spills) and reads it back shifted for the transposed depthwise conv, times
@@ -178,25 +181,36 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _irb_dw2_kernel(dv_ptr, u_ptr, wc_ptr, bc_ptr, part_ptr, M, H, W, HD, C, iters,
-                        INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    def _irb_dw2_kernel(dy_ptr, s_ptr, u_ptr, wc_ptr, bc_ptr, part_ptr, partb_ptr, M, H, W, HD, C, iters,
+                        HAS_S: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """fc2's weight gradient dv^T a with a recomputed from u (never stored): a program owns a
-        (BLOCK_N output channels x BLOCK_K hidden channels) tile and ``iters`` pixel chunks; it writes one fp32
-        partial tile, summed over the programs afterwards in a fixed order."""
+        """fc2's weight and bias gradients dv^T [a | 1], dv = dy * s[b, c] formed as dy is loaded (never stored),
+        a recomputed from u (never stored): a program owns a (BLOCK_N output channels x BLOCK_K hidden channels)
+        tile and ``iters`` pixel chunks; it writes one fp32 partial tile (and, for the first hidden tile, the
+        partial column sums of dv: d_b2), summed over the programs afterwards in a fixed order."""
         cs, rn, start = _split_m_program(BLOCK_K, BLOCK_N, BLOCK_M, iters, INT64)
         cmask = cs < HD
         nmask = rn < C
         DT = u_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+        accb = tl.zeros([BLOCK_N], ACC)
+        first = tl.program_id(0) == 0
         for it in range(0, iters):
             idx = start + it * BLOCK_M + tl.arange(0, BLOCK_M)
             b, h, w, pmask, rt, rb, wl, wr = _pixels(idx, M, H, W)
             a = _fc2_input(u_ptr, wc_ptr, bc_ptr, idx, cs, pmask, rt, rb, wl, wr, cmask, W, HD, ACC, BLOCK_M, BLOCK_K)
-            dvt = tl.load(dv_ptr + idx[None, :] * C + rn[:, None], mask=nmask[:, None] & pmask[None, :], other=0.0)
-            acc += tl.dot(dvt.to(DT), a.to(DT), input_precision=DOT_PREC).to(ACC)
+            m2 = nmask[:, None] & pmask[None, :]
+            dvt = tl.load(dy_ptr + idx[None, :] * C + rn[:, None], mask=m2, other=0.0).to(ACC)
+            if HAS_S:
+                dvt *= tl.load(s_ptr + b[None, :] * C + rn[:, None], mask=m2, other=0.0).to(ACC)
+            dvt = dvt.to(DT)                # the GEMM operand in the hidden dtype, as F.linear's backward has it
+            acc += tl.dot(dvt, a.to(DT), input_precision=DOT_PREC).to(ACC)
+            if first:                       # d_b2: summed by the first hidden tile's programs only
+                accb += tl.sum(dvt.to(ACC), axis=1)
         tl.store(part_ptr + tl.program_id(2) * C * HD + rn[:, None] * HD + cs[None, :], acc,
                  mask=nmask[:, None] & cmask[None, :])
+        if first:
+            tl.store(partb_ptr + tl.program_id(2) * C + rn, accb, mask=nmask)
 
     @triton.jit
     def _irb_dw1_kernel(du_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, part_ptr, partb_ptr, M, C, HD, iters,
@@ -236,12 +250,62 @@ if HAS_TRITON:
             tl.store(partb_ptr + pid_s * HD + rn, accb, mask=nmask)
 
     @triton.jit
-    def _irb_dgrad_kernel(dv_ptr, u_ptr, w2_ptr, wc_ptr, du_ptr, part_ptr, scratch_ptr, B, H, W, HD, C,
+    def _irb_dx_kernel(du_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, dy_ptr, dx_ptr, part_ptr, M, C, HD, iters,
+                       LAYER_NORM: tl.constexpr, ADD_DY: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """dx from du: the GEMM dxn = du w1 over whole rows (BLOCK_C >= C), the LayerNorm backward in its epilogue
+        (xhat recomputed from x and the saved statistics; the row reductions over C in registers) plus dy (the
+        block residual's gradient), written once; dxn never stored.  A program walks ``iters`` row chunks and
+        writes one fp32 partial row pair of the LayerNorm's weight and bias gradients (sum dxn * xhat, sum dxn),
+        summed over the programs afterwards in a fixed order."""
+        pid = tl.program_id(0)
+        rc = tl.arange(0, BLOCK_C)
+        cmask = rc < C
+        DT = du_ptr.dtype.element_ty
+        if LAYER_NORM:
+            g = tl.load(lnw_ptr + rc, mask=cmask, other=0.0).to(ACC)
+            acc_w = tl.zeros([BLOCK_C], ACC)
+            acc_b = tl.zeros([BLOCK_C], ACC)
+        for it in range(0, iters):
+            rm = (pid * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+            if INT64:
+                rm = rm.to(tl.int64)
+            mmask = rm < M
+            acc = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+            for k0 in range(0, HD, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                kmask = rk < HD
+                a = tl.load(du_ptr + rm[:, None] * HD + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+                wt = tl.load(w1_ptr + rk[:, None] * C + rc[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc += tl.dot(a.to(DT), wt.to(DT), input_precision=DOT_PREC).to(ACC)
+            m2 = mmask[:, None] & cmask[None, :]
+            offs = rm[:, None] * C + rc[None, :]
+            if LAYER_NORM:
+                mean = tl.load(mean_ptr + rm, mask=mmask, other=0.0).to(ACC)
+                rstd = tl.load(rstd_ptr + rm, mask=mmask, other=0.0).to(ACC)
+                xk = tl.load(x_ptr + offs, mask=m2, other=0.0).to(ACC)
+                xhat = tl.where(m2, (xk - mean[:, None]) * rstd[:, None], 0.0)
+                acc_w += tl.sum(acc * xhat, axis=0)          # acc is 0 on rows past M
+                acc_b += tl.sum(acc, axis=0)
+                dxhat = acc * g[None, :]
+                c1 = tl.sum(dxhat * xhat, axis=1) / C
+                c2 = tl.sum(dxhat, axis=1) / C
+                acc = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            if ADD_DY:
+                acc += tl.load(dy_ptr + offs, mask=m2, other=0.0).to(ACC)
+            tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m2)
+        if LAYER_NORM:
+            tl.store(part_ptr + pid * 2 * C + rc, acc_w, mask=cmask)
+            tl.store(part_ptr + pid * 2 * C + C + rc, acc_b, mask=cmask)
+
+    @triton.jit
+    def _irb_dgrad_kernel(dy_ptr, s_ptr, u_ptr, w2_ptr, wc_ptr, du_ptr, part_ptr, scratch_ptr, B, H, W, HD, C,
                           tiles_h, tiles_w, iters,
-                          INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                          HAS_S: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                           RH: tl.constexpr, RW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The IRB backward from dv = d(fc2 output) to du = d(fc1 output) and the depthwise conv's weight and
-        bias gradients, da = dv w2 never stored: a program owns ``BLOCK_K`` hidden channels and ``iters``
+        """The IRB backward from dv = d(fc2 output) = dy * s[b, c] (formed as dy is loaded) to du = d(fc1 output)
+        and the depthwise conv's weight and bias gradients, da = dv w2 never stored: a program owns ``BLOCK_K``
+        hidden channels and ``iters``
         consecutive tiles of the map; a tile is an ``RH x RW`` region, its ``(RH-2) x (RW-2)`` own pixels and
         a one-pixel halo, on which the program computes da (a GEMM over C), writes it to its own scratch
         tile (L1/L2: a register tile cannot be shifted across pixels) and reads it back shifted for the
@@ -277,7 +341,10 @@ if HAS_TRITON:
             for c0 in range(0, C, BLOCK_C):
                 ck = c0 + tl.arange(0, BLOCK_C)
                 ckm = ck < C
-                dvr = tl.load(dv_ptr + idx[:, None] * C + ck[None, :], mask=valid[:, None] & ckm[None, :], other=0.0)
+                dvr = tl.load(dy_ptr + idx[:, None] * C + ck[None, :], mask=valid[:, None] & ckm[None, :], other=0.0)
+                if HAS_S:                   # (b == B past the last tile, where no pixel is valid)
+                    sb = tl.load(s_ptr + tl.minimum(b, B - 1) * C + ck, mask=ckm, other=0.0)
+                    dvr = dvr.to(ACC) * sb.to(ACC)[None, :]
                 w2t = tl.load(w2_ptr + ck[:, None] * HD + cs[None, :], mask=ckm[:, None] & cmask[None, :], other=0.0)
                 da += tl.dot(dvr.to(DT), w2t.to(DT), input_precision=DOT_PREC).to(ACC)
             # the barriers order the scratch tile's writes and reads among the warps
@@ -343,6 +410,25 @@ def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
     return bm, bn, bk, warps, iters, cdiv(chunks, iters)
 
 
+#: the backward's dx kernel (whole rows: the LayerNorm backward's reductions over C in its epilogue): pixels x
+#: channels per row tile on a GPU, its GEMM depth tile and warps; used while C fits DX_MAX_C (wider maps: torch.mm
+#: and ATen's LayerNorm backward)
+DX_CONFIG = {"elements": 4096, "block_k": 32, "warps": 8}
+DX_MAX_C = 512
+
+
+def _dx_config(M: int, C: int, HD: int, device: torch.device):
+    """(BLOCK_M, BLOCK_C, BLOCK_K, warps, iters, programs) of the dx kernel: about ``PROGRAMS_PER_SM`` programs per
+    SM in all, each walking ``iters`` row tiles."""
+    bc = max(16, next_pow2(C))
+    elements = DX_CONFIG["elements"] * (8 if big_interpreter_tiles() else 1)
+    bm = max(16, min(elements // bc, next_pow2(M)))
+    bk = max(16, min(DX_CONFIG["block_k"], next_pow2(HD)))
+    chunks = cdiv(M, bm)
+    iters = cdiv(chunks, PROGRAMS_PER_SM * num_sms(device))
+    return bm, bc, bk, DX_CONFIG["warps"], iters, cdiv(chunks, iters)
+
+
 #: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU
 #: (ptxas: 170-245 registers at 8 warps, no spills; BLOCK_K 32 spills, and so does fc2's weight gradient
 #: fused into it, for any C) and in the interpreter (few, big programs)
@@ -400,19 +486,21 @@ def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bi
     return out, u, mean, rstd, (v if store_v else x.new_empty((0,)))
 
 
-def _fc2_weight_grad_triton(dv, u, wc, bc):
+def _fc2_weight_grad_triton(dy, u, wc, bc, s):
     B, H, W, HD = u.shape
-    C = dv.shape[-1]
+    C = dy.shape[-1]
     M = B * H * W
     bm, bn, bk, warps, iters, splits = _split_m_config("dw2", M, C, HD, u.device)
-    part = new_empty((splits, C, HD), acc_dtype(u.dtype), u.device)
+    acc = acc_dtype(u.dtype)
+    part = new_empty((splits, C, HD), acc, u.device)
+    partb = new_empty((splits, C), acc, u.device)
     w9 = wc.reshape(HD, 9).t().contiguous()
     with device_guard(u):
         _irb_dw2_kernel[(cdiv(HD, bk), cdiv(C, bn), splits)](
-            dv, u, w9, bc, part, M, H, W, HD, C, iters, INT64=needs_int64(dv, u, part), ACC=tl_acc(u.dtype),
-            DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
-            **launch_options())
-    return part.sum(0)                     # fixed-order reduction over the programs: deterministic
+            dy, s if s is not None else dy, u, w9, bc, part, partb, M, H, W, HD, C, iters, HAS_S=s is not None,
+            INT64=needs_int64(dy, u, part), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
+    return part.sum(0), partb.sum(0)       # fixed-order reductions over the programs: deterministic
 
 
 def _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias):
@@ -431,9 +519,29 @@ def _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias):
     return part.sum(0), partb.sum(0)       # fixed-order reductions over the programs: deterministic
 
 
-def _dgrad_triton(dv, u, w2, wc):
+def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
+    B, H, W, C = x.shape
+    M, HD = du.shape
+    x, w1 = x.contiguous(), w1.contiguous()
+    bm, bc, bk, warps, iters, programs = _dx_config(M, C, HD, du.device)
+    acc = acc_dtype(x.dtype)
+    ln = norm_weight is not None
+    dx = new_empty(x.shape, x.dtype, x.device)
+    part = new_empty((programs, 2, C) if ln else (0,), acc, x.device)
+    with device_guard(du):
+        _irb_dx_kernel[(programs,)](
+            du, w1, x, mean, rstd, norm_weight if ln else mean, dy if dy is not None else x, dx, part, M, C, HD, iters,
+            LAYER_NORM=ln, ADD_DY=dy is not None, INT64=needs_int64(du, x), ACC=tl_acc(x.dtype),
+            DOT_PREC=_dot_precision(du.dtype), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1,
+            **launch_options())
+    if not ln:
+        return dx, None, None
+    return dx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic
+
+
+def _dgrad_triton(dy, u, w2, wc, s):
     B, H, W, HD = u.shape
-    C = dv.shape[-1]
+    C = dy.shape[-1]
     rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device)
     acc = acc_dtype(u.dtype)
     du = new_empty(u.shape, u.dtype, u.device)
@@ -442,9 +550,9 @@ def _dgrad_triton(dv, u, w2, wc):
     w9 = wc.reshape(HD, 9).t().contiguous()
     with device_guard(u):
         _irb_dgrad_kernel[(cdiv(HD, bk), splits)](
-            dv, u, w2, w9, du, part, scratch, B, H, W, HD, C, tiles_h, tiles_w, iters,
-            INT64=needs_int64(dv, u), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype), RH=rh, RW=rw,
-            BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
+            dy, s if s is not None else dy, u, w2, w9, du, part, scratch, B, H, W, HD, C, tiles_h, tiles_w, iters,
+            HAS_S=s is not None, INT64=needs_int64(dy, u), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype),
+            RH=rh, RW=rw, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
     red = part.sum(0)                      # fixed-order reduction over the programs: deterministic
     return du, red[:9].t().reshape(HD, 1, 3, 3).contiguous(), red[9].clone()
 
@@ -479,6 +587,25 @@ def _normalized(xa, mean, rstd, norm_weight, norm_bias):
     return (xa - mean[..., None]) * rstd[..., None] * norm_weight.to(xa.dtype) + norm_bias.to(xa.dtype)
 
 
+def _input_grad_reference(du, w1, x, mean, rstd, norm_weight, dy):
+    """:func:`irb_input_grad` by torch.mm and ATen's LayerNorm backward: (dx, d_norm_weight, d_norm_bias)."""
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    dxn = torch.mm(du, w1).reshape(B, H, W, C)
+    dnw = dnb = None
+    if norm_weight is not None:
+        stats = (mean.unsqueeze(-1), rstd.unsqueeze(-1))
+        # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
+        ln = x.dtype if x.device.type in ("cuda", "meta") else acc
+        w = norm_weight.to(ln)          # (the bias argument's values are not read: it only needs a device)
+        dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(dxn.to(ln), x.to(ln), [C], *stats, w, w,
+                                                                 [True, True, True])
+        dx, dnw, dnb = dx.to(x.dtype), dnw.to(acc), dnb.to(acc)
+    else:
+        dx = dxn.to(x.dtype)
+    return (dx if dy is None else dx + dy), dnw, dnb
+
+
 def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
                        store_v):
     """The op's outputs (out, u, mean, rstd, v) by PyTorch (CPU without the interpreter)."""
@@ -504,40 +631,35 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
 def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                    has_shortcut: bool, need_scale: bool):
     """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias) (the shortcut's gradient is dy
-    itself, returned by the autograd function without a copy; without a shortcut dx includes it).  The GEMMs by
-    torch.mm in the hidden dtype except fc2's weight gradient (:func:`irb_fc2_weight_grad`: its input
-    recomputed from u, never stored), the depthwise backward by the dwconv3x3 op (GELU derivative, conv
-    transpose, weight partials in one pass), the normalised input recomputed from x and the saved
-    statistics inside fc1's weight-gradient kernel, the LayerNorm backward by ATen's fused kernel."""
+    itself, returned by the autograd function without a copy; without a shortcut dx includes it).  fc2's weight
+    and bias gradients (:func:`irb_fc2_weight_grad`: its input recomputed from u, never stored), the backward
+    through the depthwise conv (:func:`irb_dgrad`: da never stored), the normalised input recomputed from x and the saved
+    statistics inside fc1's weight-gradient kernel, the LayerNorm backward and the residual's dy in the epilogue
+    of the input-gradient GEMM (:func:`irb_input_grad`)."""
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
     hd, acc = u.dtype, acc_dtype(x.dtype)
-    s = branch_scale(scale, keep, B, C, dy)
-    dv = (dy if s is None else dy * s).reshape(M, C).to(hd)
+    # dv = dy * scale[c] * keep[b] is formed inside the kernels as they load dy (never stored): s as (B, C)
+    s = branch_scale(scale, keep, B, C, torch.empty((), dtype=acc))
+    s = None if s is None else s.expand(B, 1, 1, C).reshape(B, C).contiguous()
+    dy2 = dy.contiguous().reshape(M, C)
     dscale = None
     if need_scale:
         dvs = (dy * v).sum((1, 2), dtype=acc)            # (B, C): the drop-path factor applied per sample after
         dscale = (dvs if keep is None else dvs * keep.to(acc)[:, None]).sum(0).to(scale.dtype)
-    db2 = dv.sum(0, dtype=acc).to(b2.dtype)
-    dw2 = torch.ops.lrformer.irb_fc2_weight_grad(dv, u, wc, bc).to(w2.dtype)
-    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dv, u, w2.to(hd), wc, bc)
+    dw2, db2 = torch.ops.lrformer.irb_fc2_weight_grad(dy2, u, wc, bc, s)
+    dw2, db2 = dw2.to(w2.dtype), db2.to(b2.dtype)
+    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dy2, u, w2.to(hd), wc, bc, s)
     du = du.reshape(M, HD)
-    dxn = torch.mm(du, w1.to(hd)).reshape(B, H, W, C)
     dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du, x, mean, rstd, norm_weight, norm_bias)
     dw1, db1 = dw1.to(w1.dtype), db1.to(b1.dtype)
-    dnw = dnb = None
-    if norm_weight is not None:
-        stats = (mean.unsqueeze(-1), rstd.unsqueeze(-1))
-        # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
-        ln = x.dtype if x.device.type in ("cuda", "meta") else acc
-        dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(
-            dxn.to(ln), x.to(ln), [C], *stats, norm_weight.to(ln), norm_bias.to(ln), [True, True, True])
-        dx, dnw, dnb = dx.to(x.dtype), dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype)
+    dx, dnw, dnb = torch.ops.lrformer.irb_input_grad(du, w1.to(hd), x, mean, rstd, norm_weight,
+                                                    None if has_shortcut else dy2.reshape(x.shape))
+    if norm_weight is None:
+        dnw = dnb = None
     else:
-        dx = dxn.to(x.dtype)
-    if not has_shortcut:
-        dx = dx + dy
+        dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype)
     return (dx, dw1, db1, dwc.to(wc.dtype), dbc.to(bc.dtype), dw2, db2, dscale, dnw, dnb)
 
 
@@ -564,20 +686,34 @@ def _(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, short
             x.new_empty(x.shape if store_v else (0,)))
 
 
+def _scaled(dy: torch.Tensor, s: Optional[torch.Tensor], hidden: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's dv = dy * s[b, c] (M, C) in the hidden dtype (the kernels form it as they load dy)."""
+    B, H, W, _ = hidden
+    if s is None:
+        return dy.to(dtype)
+    acc = acc_dtype(dtype)
+    return (dy.to(acc).reshape(B, H * W, -1) * s.to(acc)[:, None, :]).reshape(dy.shape).to(dtype)
+
+
 @torch.library.custom_op("lrformer::irb_fc2_weight_grad", mutates_args=())
-def irb_fc2_weight_grad(dv: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
-    """``dv^T @ a`` (C, HD) in the math dtype, ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``: fc2's weight
-    gradient with its input recomputed from the stored pre-activation ``u`` (B, H, W, HD); dv (M, C)."""
+def irb_fc2_weight_grad(dy: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
+                        s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc2's (weight (C, HD), bias (C,)) gradients in the math dtype, ``dv^T a`` and ``dv^T 1``, with
+    ``dv = dy * s[b, c]`` (dy (M, C), s (B, C) the layer scale times the drop-path factor, or None) formed as dy
+    is loaded and ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, recomputed from the stored pre-activation
+    ``u`` (B, H, W, HD): neither is stored."""
     if use_kernel(u):
-        return _fc2_weight_grad_triton(dv, u, wc, bc)
+        return _fc2_weight_grad_triton(dy, u, wc, bc, s)
     acc = acc_dtype(u.dtype)
+    dv = _scaled(dy, s, u.shape, u.dtype)
     a = dwconv3x3_reference(u.to(acc), wc.to(acc), bc.to(acc), gelu=True, residual=True)
-    return torch.mm(dv.t().to(u.dtype), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc)
+    return torch.mm(dv.t(), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc), dv.sum(0, dtype=acc)
 
 
 @irb_fc2_weight_grad.register_fake
-def _(dv, u, wc, bc):
-    return u.new_empty((dv.shape[-1], u.shape[-1]), dtype=acc_dtype(u.dtype))
+def _(dy, u, wc, bc, s):
+    acc = acc_dtype(u.dtype)
+    return u.new_empty((dy.shape[-1], u.shape[-1]), dtype=acc), u.new_empty((dy.shape[-1],), dtype=acc)
 
 
 @torch.library.custom_op("lrformer::irb_fc1_weight_grad", mutates_args=())
@@ -605,24 +741,49 @@ def _(du, x, mean, rstd, norm_weight, norm_bias):
 
 
 @torch.library.custom_op("lrformer::irb_dgrad", mutates_args=())
-def irb_dgrad(dv: torch.Tensor, u: torch.Tensor, w2: torch.Tensor, wc: torch.Tensor,
-              bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The IRB backward between fc2 and fc1: from dv (M, C) = d(fc2 output) and the stored pre-activation
-    u (B, H, W, HD) to (du (B, H, W, HD) in u's dtype, d_wc (HD, 1, 3, 3), d_bc (HD,) in the math dtype),
-    ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, ``da = dv w2`` (w2 (C, HD) in u's dtype).  The kernel
-    never stores da."""
+def irb_dgrad(dy: torch.Tensor, u: torch.Tensor, w2: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
+              s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IRB backward between fc2 and fc1: from dv = d(fc2 output) = dy * s[b, c] (dy (M, C), s (B, C) or None,
+    formed as dy is loaded) and the stored pre-activation u (B, H, W, HD) to (du (B, H, W, HD) in u's dtype,
+    d_wc (HD, 1, 3, 3), d_bc (HD,) in the math dtype), ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``,
+    ``da = dv w2`` (w2 (C, HD) in u's dtype).  The kernel never stores dv or da."""
     if use_kernel(u):
-        return _dgrad_triton(dv, u, w2, wc)
+        return _dgrad_triton(dy, u, w2, wc, s)
     acc = acc_dtype(u.dtype)
+    dv = _scaled(dy, s, u.shape, u.dtype)
     du, dwc, dbc = torch.ops.lrformer.dwconv3x3_backward(torch.mm(dv, w2).reshape(u.shape), u, wc, bc, True, True)
     return du, dwc.to(acc), dbc.to(acc)
 
 
 @irb_dgrad.register_fake
-def _(dv, u, w2, wc, bc):
+def _(dy, u, w2, wc, bc, s):
     acc = acc_dtype(u.dtype)
     HD = u.shape[-1]
     return u.new_empty(u.shape), u.new_empty((HD, 1, 3, 3), dtype=acc), u.new_empty((HD,), dtype=acc)
+
+
+@torch.library.custom_op("lrformer::irb_input_grad", mutates_args=())
+def irb_input_grad(du: torch.Tensor, w1: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   norm_weight: Optional[torch.Tensor],
+                   dy: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IRB input's gradient from du (M, HD): ``dxn = du w1`` (w1 (HD, C) in du's dtype), through the LayerNorm
+    (x (B, H, W, C), its forward's row statistics (B, H, W), norm_weight (C,); none: dx = dxn), plus dy (the block
+    residual's gradient, or None): (dx in x's dtype, the LayerNorm's weight and bias gradients in the math dtype,
+    or empty).  The kernel (maps up to ``DX_MAX_C`` wide) never stores dxn."""
+    if use_kernel(du) and x.shape[-1] <= DX_MAX_C:
+        dx, dnw, dnb = _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy)
+    else:
+        dx, dnw, dnb = _input_grad_reference(du, w1, x, mean, rstd, norm_weight, dy)
+    if dnw is None:
+        dnw, dnb = (x.new_empty((0,), dtype=acc_dtype(x.dtype)) for _ in range(2))
+    return dx, dnw, dnb
+
+
+@irb_input_grad.register_fake
+def _(du, w1, x, mean, rstd, norm_weight, dy):
+    acc = acc_dtype(x.dtype)
+    n = x.shape[-1] if norm_weight is not None else 0
+    return x.new_empty(x.shape), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 
 @torch.library.custom_op("lrformer::irb_backward", mutates_args=())

@@ -136,32 +136,41 @@ def test_gradcheck_and_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_fc2_weight_grad_op(monkeypatch):
-    """fc2's weight gradient with its input recomputed from u, alone: several splits of the pixels (the GPU
-    config with an H100's SM count), float64 against dv^T a; opcheck."""
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fc2_weight_grad_op(monkeypatch, scaled):
+    """fc2's weight and bias gradients with dv = dy * s[b, c] formed as dy is loaded and the input recomputed from
+    u, alone: several splits of the pixels (the GPU config with an H100's SM count; splits straddling samples),
+    float64 against dv^T [a | 1]; outputs poisoned; opcheck."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
-    dv = torch.randn(2 * 9 * 13, 40, dtype=torch.float64)
-    u = torch.randn(2, 9, 13, 80, dtype=torch.float64)
-    wc, bc = torch.randn(80, 1, 3, 3, dtype=torch.float64), torch.randn(80, dtype=torch.float64)
-    assert mod._split_m_config("dw2", dv.shape[0], 40, 80, u.device)[5] > 1
-    a = mod.dwconv3x3_reference(u, wc, bc, gelu=True, residual=True).reshape(-1, 80)
-    assert rel_err(mod.irb_fc2_weight_grad(dv, u, wc, bc), dv.t() @ a) < 1e-12
-    torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, (dv, u, wc, bc),
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    B, H, W, C, HD = 3, 9, 13, 40, 80
+    dy = torch.randn(B * H * W, C, dtype=torch.float64)
+    s = torch.randn(B, C, dtype=torch.float64) if scaled else None
+    u = torch.randn(B, H, W, HD, dtype=torch.float64)
+    wc, bc = torch.randn(HD, 1, 3, 3, dtype=torch.float64), torch.randn(HD, dtype=torch.float64)
+    assert mod._split_m_config("dw2", dy.shape[0], C, HD, u.device)[5] > 1
+    a = mod.dwconv3x3_reference(u, wc, bc, gelu=True, residual=True).reshape(-1, HD)
+    dv = dy if s is None else (dy.reshape(B, -1, C) * s[:, None]).reshape(-1, C)
+    dw2, db2 = mod.irb_fc2_weight_grad(dy, u, wc, bc, s)
+    assert rel_err(dw2, dv.t() @ a) < 1e-12 and rel_err(db2, dv.sum(0)) < 1e-12
+    torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, (dy, u, wc, bc, s),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("sms", [1, 132])
 def test_dgrad_op(monkeypatch, sms):
-    """The backward from d(fc2 output) to d(fc1 output) and the depthwise conv's gradients, da never stored, alone
-    on the GPU tiles: maps of several regions (their one-pixel halos crossing tile borders), maps narrower and
+    """The backward from d(fc2 output) = dy * s[b, c] to d(fc1 output) and the depthwise conv's gradients, dv and
+    da never stored, alone on the GPU tiles: maps of several regions (their one-pixel halos crossing tile borders), maps narrower and
     shorter than a region, a single pixel, C wider than a GEMM depth tile, programs walking several tiles
     (1 SM) and several splits (an H100's 132); float64 against the reference's autograd; outputs poisoned."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", sms)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     for B, H, W, C, HD in ((2, 13, 19, 40, 48), (1, 20, 37, 16, 32), (3, 4, 3, 8, 16), (2, 1, 1, 16, 32)):
-        dv, u = torch.randn(B * H * W, C, dtype=torch.float64), torch.randn(B, H, W, HD, dtype=torch.float64)
+        dy, u = torch.randn(B * H * W, C, dtype=torch.float64), torch.randn(B, H, W, HD, dtype=torch.float64)
+        s = torch.randn(B, C, dtype=torch.float64)                 # layer scale x drop-path factor
+        dv = (dy.reshape(B, -1, C) * s[:, None]).reshape(-1, C)
         w2, bc = torch.randn(C, HD, dtype=torch.float64), torch.randn(HD, dtype=torch.float64)
         wc = torch.randn(HD, 1, 3, 3, dtype=torch.float64, requires_grad=True)
         cfg = mod._dgrad_config(B, H, W, C, HD, u.device)
@@ -170,11 +179,51 @@ def test_dgrad_op(monkeypatch, sms):
         ur, bcr = u.clone().requires_grad_(True), bc.clone().requires_grad_(True)
         a = mod.dwconv3x3_reference(ur, wc, bcr, gelu=True, residual=True)
         want = torch.autograd.grad(a, (ur, wc, bcr), (dv @ w2).reshape(u.shape))
-        got = mod.irb_dgrad(dv, u, w2, wc.detach(), bc)
+        got = mod.irb_dgrad(dy, u, w2, wc.detach(), bc, s)
         for name, g, r in zip(("du", "dwc", "dbc"), got, want):
             assert g.shape == r.shape and rel_err(g, r) < 1e-12, (name, (B, H, W, C, HD), rel_err(g, r))
-    torch.library.opcheck(torch.ops.lrformer.irb_dgrad, (dv, u, w2, wc.detach(), bc),
-                          test_utils=("test_schema", "test_faketensor"))
+    for s in (s, None):
+        torch.library.opcheck(torch.ops.lrformer.irb_dgrad, (dy, u, w2, wc.detach(), bc, s),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+def test_input_grad_op(monkeypatch, sms):
+    """dx = LayerNorm backward(du w1) + dy in one kernel, dxn never stored, alone on the GPU tiles: programs walking
+    several row tiles (1 SM, one program) and one each (an H100's 132), a partial last tile, with and without the LayerNorm
+    and dy, a map wider than the kernel takes (the reference path); float64 against autograd through
+    F.layer_norm; outputs poisoned; opcheck."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", sms)
+    monkeypatch.setattr(mod, "PROGRAMS_PER_SM", 1 if sms == 1 else mod.PROGRAMS_PER_SM)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    F = torch.nn.functional
+    for (B, H, W, C, HD), ln, add in (((2, 9, 13, 80, 48), True, True), ((1, 7, 5, 24, 96), True, False),
+                                      ((3, 4, 3, 40, 16), False, True), ((1, 3, 3, 16, 32), False, False)):
+        x = (2 + 3 * torch.randn(B, H, W, C, dtype=torch.float64)).requires_grad_(True)
+        du = torch.randn(B * H * W, HD, dtype=torch.float64)
+        w1 = torch.randn(HD, C, dtype=torch.float64)
+        dy = torch.randn(B, H, W, C, dtype=torch.float64) if add else None
+        nw = (1 + 0.1 * torch.randn(C, dtype=torch.float64)).requires_grad_(True) if ln else None
+        nb = torch.randn(C, dtype=torch.float64, requires_grad=True) if ln else None
+        var, mean = torch.var_mean(x.detach(), dim=-1, unbiased=False)
+        rstd = torch.rsqrt(var + 1e-6)
+        if sms == 1 and C == 80:
+            assert mod._dx_config(B * H * W, C, HD, x.device)[4] > 1        # several row tiles per program
+        xn = F.layer_norm(x, (C,), nw, nb, 1e-6) if ln else x
+        want = torch.autograd.grad(xn, [x] + ([nw, nb] if ln else []), (du @ w1).reshape(x.shape))
+        dx, dnw, dnb = mod.irb_input_grad(du, w1, x.detach(), mean, rstd, nw, dy)
+        assert rel_err(dx, want[0] + (dy if add else 0)) < 1e-12, ((B, H, W, C), rel_err(dx, want[0]))
+        if ln:
+            assert rel_err(dnw, want[1]) < 1e-12 and rel_err(dnb, want[2]) < 1e-12
+        else:
+            assert dnw.numel() == dnb.numel() == 0
+        monkeypatch.setattr(mod, "DX_MAX_C", C - 1)                          # too wide for the kernel
+        got = mod.irb_input_grad(du, w1, x.detach(), mean, rstd, nw, dy)[0]
+        monkeypatch.setattr(mod, "DX_MAX_C", 512)
+        assert rel_err(got, dx) < 1e-12
+        torch.library.opcheck(torch.ops.lrformer.irb_input_grad, (du, w1, x.detach(), mean, rstd, nw, dy),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("ln", [True, False])

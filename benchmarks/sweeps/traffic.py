@@ -180,13 +180,14 @@ def _irb_forward_extra(args, out) -> int:
 
 
 def _fc2_weight_grad_extra(args, out) -> int:
-    """One launch (u's 9 taps from L1/L2, u read once per output-channel tile: the tiles of a pixel chunk run
-    together) writing fp32 partial tiles (splits, C, HD), read by the fixed-order sum; the (9, HD) weight copy."""
+    """One launch (dy read once, scaled as it is loaded; u's 9 taps from L1/L2, u read once per output-channel
+    tile: the tiles of a pixel chunk run together) writing fp32 partials (splits, C, HD + 1), read by the
+    fixed-order sums; the (9, HD) weight copy."""
     irb = _kernels("irb")
-    dv, u, wc = args[0], args[1], args[2]
+    dy, u, wc = args[0], args[1], args[2]
     with _gpu_tiles():
-        splits = irb._split_m_config("dw2", dv.shape[0], dv.shape[1], u.shape[-1], u.device)[5]
-    return 2 * splits * tensor_bytes(out) + 2 * tensor_bytes(wc)
+        splits = irb._split_m_config("dw2", dy.shape[0], dy.shape[1], u.shape[-1], u.device)[5]
+    return 2 * splits * _all_bytes(out) + 2 * tensor_bytes(wc)
 
 
 def _fc1_weight_grad_extra(args, out) -> int:
@@ -210,8 +211,8 @@ def _dgrad_tiles(dv, u):
 
 
 def _dgrad_extra(args, out) -> int:
-    """One launch.  dv is read from DRAM once (the hidden-chunk programs of a split are consecutive programs
-    walking the same tiles; the regions' halo rows and columns hit L2), u once (its 9 taps from L1/L2), du
+    """One launch.  dy is read from DRAM once, scaled to dv as it is loaded (the hidden-chunk programs of a split
+    are consecutive programs walking the same tiles; the regions' halo rows and columns hit L2), u once (its 9 taps from L1/L2), du
     written once; the per-program fp32 partials (splits, 10, HD) written and read by the fixed-order sum;
     each program's da scratch tile is rewritten per tile in L1/L2, charged once (its write-back); the (9, HD)
     weight copy."""
@@ -219,6 +220,25 @@ def _dgrad_extra(args, out) -> int:
     _, p, splits, chunks, bk = _dgrad_tiles(dv, u)
     acc = _acc_size(u)
     return 2 * splits * 10 * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+
+
+def _input_grad_extra(args, out) -> int:
+    """One launch (du read once, w1 from L2 by every program; x, the row statistics and dy once) writing dx and,
+    with the LayerNorm, fp32 partials (programs, 2, C) of its weight and bias gradients read by the fixed-order
+    sums.  Maps wider than the kernel takes: torch.mm and ATen's LayerNorm backward, counted op by op."""
+    irb = _kernels("irb")
+    du, x, norm_weight = args[0], args[2], args[5]
+    C = x.shape[-1]
+    if C > irb.DX_MAX_C:
+        inner = TrafficCounter()
+        with inner:
+            irb._input_grad_reference(*args)
+        return inner.bytes - _all_bytes(args) - _all_bytes(out)
+    if norm_weight is None:
+        return 0
+    with _gpu_tiles():
+        programs = irb._dx_config(du.shape[0], C, du.shape[1], du.device)[5]
+    return 2 * programs * 2 * C * _acc_size(x)
 
 
 def _irb_backward_inner(args) -> "TrafficCounter":
@@ -258,6 +278,7 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_extra,
     "lrformer::irb_dgrad": _dgrad_extra,
     "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_extra,
+    "lrformer::irb_input_grad": _input_grad_extra,
 }
 
 
@@ -319,6 +340,12 @@ def _fc1_weight_grad_flops(args, out) -> int:
     return 2 * du.shape[0] * du.shape[1] * (x.shape[-1] + 1)
 
 
+def _input_grad_flops(args, out) -> int:
+    """dxn = du w1: 2 M HD C."""
+    du, x = args[0], args[2]
+    return 2 * du.shape[0] * du.shape[1] * x.shape[-1]
+
+
 def _dgrad_flops(args, out) -> int:
     """da = dv w2 on every region, halo and the region's part off the map included (2 P C HD per region), the
     transposed depthwise conv and the weight taps (2 x 2 x 9 per region element)."""
@@ -348,6 +375,7 @@ FUSED_FLOPS: Dict[str, Callable] = {
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_flops,
     "lrformer::irb_dgrad": _dgrad_flops,
     "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_flops,
+    "lrformer::irb_input_grad": _input_grad_flops,
 }
 
 
