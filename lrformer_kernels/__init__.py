@@ -3,7 +3,7 @@
 Ops (tokens-last maps ``(B, H, W, C)``, any strides; CPU tensors run the reference math, or the
 kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference``:
 
-* :func:`pyramid_pool` — all adaptive-average-pooled grids of an LRSA in one pass;
+* :func:`pyramid_pool` — all adaptive-average-pooled grids of an LRSA in one pass (its block's LayerNorm inside);
 * :func:`lowres_attention` — multi-head softmax attention over the low-resolution tokens;
 * :func:`upsample_residual` — ``x + layer_scale * drop_path_keep * bilinear(low)``;
 * :func:`dwconv3x3` — depthwise 3x3 conv + bias (+ GELU first) (+ residual);

@@ -414,6 +414,8 @@ def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
 #: channels per row tile on a GPU, its GEMM depth tile and warps; used while C fits DX_MAX_C (wider maps: torch.mm
 #: and ATen's LayerNorm backward)
 DX_CONFIG = {"elements": 4096, "block_k": 32, "warps": 8}
+#: warps for row tiles wider than ``DX_CONFIG["elements"]`` (16 x 512: 8 warps spill on sm_90)
+DX_WIDE_WARPS = 16
 DX_MAX_C = 512
 
 
@@ -426,7 +428,8 @@ def _dx_config(M: int, C: int, HD: int, device: torch.device):
     bk = max(16, min(DX_CONFIG["block_k"], next_pow2(HD)))
     chunks = cdiv(M, bm)
     iters = cdiv(chunks, PROGRAMS_PER_SM * num_sms(device))
-    return bm, bc, bk, DX_CONFIG["warps"], iters, cdiv(chunks, iters)
+    warps = DX_CONFIG["warps"] if bm * bc <= DX_CONFIG["elements"] else DX_WIDE_WARPS
+    return bm, bc, bk, warps, iters, cdiv(chunks, iters)
 
 
 #: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU

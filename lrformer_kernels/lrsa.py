@@ -21,17 +21,22 @@ __all__ = ["lrsa_low"]
 
 def lrsa_low(ops: Ops, x: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
              norm: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, scale: float,
-             d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
+             d_convs: Optional[Sequence[nn.Module]] = None, in_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
     """LRSA of a normalised map x (B, H, W, C) up to the low-resolution branch (B, hq, wq, C).
 
     grids: ``[query grid, kv grids...]``; q_weight/q_bias: the query projection as a matrix;
     norm/kv/proj: the attention's LayerNorm, kv Linear and output Linear; d_convs: the encoder's
-    depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead).
+    depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead); in_norm: the block's
+    LayerNorm (norm1) when x is not normalised yet: the pooling normalises it (the normalised map, read only
+    by the pooling, is never materialised).
     """
     B, H, W, C = x.shape
+    if in_norm is not None:                                 # (B, Nq + M, C), one call
+        pooled = ops.pyramid_pool(x, grids, in_norm.weight, in_norm.bias, in_norm.eps)
+    else:
+        pooled = ops.pyramid_pool(x, grids)
     # views by one split each (their backward is one concatenation, where slices would each build a
     # zero-filled full-size gradient and add them up)
-    pooled = ops.pyramid_pool(x, grids)                     # (B, Nq + M, C), one call
     hq, wq = grids[0]
     nq = hq * wq
     if d_convs is None:                                     # the kv tokens are already concatenated

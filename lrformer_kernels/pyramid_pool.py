@@ -40,6 +40,16 @@ expanded gradient needs no copy) is gathered ~4K times per pixel but from L1/L2.
 no atomics, no full-resolution intermediate besides grad_x.  The backward op is itself
 differentiable (its gradient is the forward pool), so double backward works.
 
+With a LayerNorm (an encoder block's norm1, read by nothing but this pooling): ``pyramid_pool(x, grids, w, b,
+eps)`` pools ``layer_norm(x)`` without materialising it.  Forward: ``_ln_stats_kernel`` writes each pixel's
+mean and 1/std (fp32, 8 bytes a pixel), then the pooling kernel normalises each pixel as it loads it and applies
+w and b to the cell means (pooling is linear): x read twice, where LayerNorm + pool read it twice and write and
+read the normalised map once more.  Backward (``_pyramid_pool_ln_bwd_kernel``): a program owns whole rows
+(BLOCK_C >= C) of a block of pixels, gathers d(normalised x) from every grid as above and runs the LayerNorm
+backward in registers (xhat recomputed from x and the statistics): dx written once; the LayerNorm's weight and
+bias gradients as per-program fp32 partials summed in a fixed order (a program walks several pixel blocks, so
+the partials stay a small fraction of the map).  Not twice differentiable.
+
 Offsets are int64 when ``needs_int64`` says a tensor spans 2**31 elements, int32 otherwise.
 Off-GPU without ``TRITON_INTERPRET=1`` the ops run the PyTorch reference instead.
 """
@@ -52,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (cdiv, launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
-                      needs_int64, new_empty, next_pow2, tl_acc, use_kernel)
+                      needs_int64, new_empty, next_pow2, num_sms, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -87,16 +97,45 @@ if HAS_TRITON:
         return gh, gw, c0, b0
 
     @triton.jit
+    def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, N_PIX, H, W, C, sxb, sxh, sxw, sxc, eps,
+                         ACC: tl.constexpr, INT64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per-pixel LayerNorm statistics (mean, 1/std) over C, two passes over a row tile (the second from L1/L2)."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        if INT64:
+            p = p.to(tl.int64)
+        mask_p = p < N_PIX
+        b = p // (H * W)
+        hw = p - b * (H * W)
+        h = hw // W
+        row = x_ptr + (b * sxb + h * sxh + (hw - h * W) * sxw)[:, None]
+        s1 = tl.zeros([BLOCK_P], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = mask_p[:, None] & (c < C)[None, :]
+            s1 += tl.sum(tl.load(row + c[None, :] * sxc, mask=m, other=0.0).to(ACC), axis=1)
+        mean = s1 / C
+        s2 = tl.zeros([BLOCK_P], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = mask_p[:, None] & (c < C)[None, :]
+            d = tl.where(m, tl.load(row + c[None, :] * sxc, mask=m, other=0.0).to(ACC) - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, axis=1)
+        tl.store(mean_ptr + p, mean, mask=mask_p)
+        tl.store(rstd_ptr + p, 1.0 / tl.sqrt(s2 / C + eps), mask=mask_p)
+
+    @triton.jit
     def _pyramid_pool_fwd_kernel(
-        x_ptr, out_ptr,
+        x_ptr, out_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,
         H, W, C, N_TOTAL, N_BLK, N_CB,
         sxb, sxh, sxw, sxc,
         G0H, G0W, G1H, G1W, G1C, G1B, G2H, G2W, G2C, G2B, G3H, G3W, G3C, G3B,
         G4H, G4W, G4C, G4B, G5H, G5W, G5C, G5B, G6H, G6W, G6C, G6B, G7H, G7W, G7C, G7B,
         NUM_GRIDS: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_Q: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, LAYER_NORM: tl.constexpr,
         ACC: tl.constexpr, INT64: tl.constexpr,
     ):
+        # LAYER_NORM: each pixel normalised as it is loaded, (x - mean[p]) * rstd[p] (the statistics of
+        # _ln_stats_kernel), the cell means scaled by the LayerNorm's weight and shifted by its bias
         # GkH, GkW: size of grid k; GkC: its first cell in the output; GkB: its first cell block
         # (a block of BLOCK_CELLS consecutive cells never straddles two grids).
         pid = tl.program_id(0)
@@ -164,10 +203,19 @@ if HAS_TRITON:
                 r = r.to(tl.int64)
             off = cell_off + r * sxh + q * sxw
             m = (p < area[:, None])[:, :, None] & mask_c3
-            v = tl.load(base + off[:, :, None], mask=m, other=0.0)
-            acc += v.to(ACC)
+            v = tl.load(base + off[:, :, None], mask=m, other=0.0).to(ACC)
+            if LAYER_NORM:
+                pm = p < area[:, None]
+                pix = b * (H * W) + (h0[:, None] + r) * W + w0[:, None] + q
+                mu = tl.load(mean_ptr + pix, mask=pm, other=0.0)
+                rs = tl.load(rstd_ptr + pix, mask=pm, other=0.0)          # 0 off the window: v - mu -> 0
+                v = (v - mu[:, :, None]) * rs[:, :, None]
+            acc += v
         total = tl.sum(acc, axis=1)                                 # [BLOCK_CELLS, BLOCK_C]
         mean = total / tl.where(mask_cell, area, 1).to(ACC)[:, None]
+        if LAYER_NORM:
+            mean = mean * tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :] \
+                + tl.load(lnb_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[None, :]
         out_off = (b * N_TOTAL + c0 + loc)[:, None] * C + offs_c[None, :]
         m = mask_cell[:, None] & mask_c[None, :]
         tl.store(out_ptr + out_off, mean.to(out_ptr.dtype.element_ty), mask=m)
@@ -203,6 +251,37 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def _gather_all(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W,
+                    G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H, G6W, G7H, G7W,
+                    NUM_GRIDS: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr):
+        """acc += dL/d(pooled input) at pixels (h, w): every grid's cells containing them, gathered (g_base: the
+        gradient's batch base, a pointer or one per pixel as a column)."""
+        start = 0
+        acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G0H, G0W, ACC, INT64)
+        start += G0H * G0W
+        if NUM_GRIDS > 1:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G1H, G1W, ACC, INT64)
+            start += G1H * G1W
+        if NUM_GRIDS > 2:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G2H, G2W, ACC, INT64)
+            start += G2H * G2W
+        if NUM_GRIDS > 3:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G3H, G3W, ACC, INT64)
+            start += G3H * G3W
+        if NUM_GRIDS > 4:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G4H, G4W, ACC, INT64)
+            start += G4H * G4W
+        if NUM_GRIDS > 5:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G5H, G5W, ACC, INT64)
+            start += G5H * G5W
+        if NUM_GRIDS > 6:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G6H, G6W, ACC, INT64)
+            start += G6H * G6W
+        if NUM_GRIDS > 7:
+            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G7H, G7W, ACC, INT64)
+        return acc
+
+    @triton.jit
     def _pyramid_pool_bwd_kernel(
         g_ptr, gx_ptr,
         H, W, C, N_PB, N_CB,
@@ -231,36 +310,66 @@ if HAS_TRITON:
             c_off = offs_c.to(tl.int64) * sgc
         else:
             c_off = offs_c * sgc
-        g_base = g_ptr + b * sgb
-
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        start = 0
-        acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G0H, G0W, ACC, INT64)
-        start += G0H * G0W
-        if NUM_GRIDS > 1:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G1H, G1W, ACC, INT64)
-            start += G1H * G1W
-        if NUM_GRIDS > 2:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G2H, G2W, ACC, INT64)
-            start += G2H * G2W
-        if NUM_GRIDS > 3:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G3H, G3W, ACC, INT64)
-            start += G3H * G3W
-        if NUM_GRIDS > 4:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G4H, G4W, ACC, INT64)
-            start += G4H * G4W
-        if NUM_GRIDS > 5:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G5H, G5W, ACC, INT64)
-            start += G5H * G5W
-        if NUM_GRIDS > 6:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G6H, G6W, ACC, INT64)
-            start += G6H * G6W
-        if NUM_GRIDS > 7:
-            acc = _gather_grid(acc, g_base, sgn, c_off, mask_c, mask_p, h, w, H, W, start, G7H, G7W, ACC, INT64)
+        acc = _gather_all(tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC), g_ptr + b * sgb, sgn, c_off, mask_c, mask_p, h, w,
+                          H, W, G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H, G6W, G7H, G7W,
+                          NUM_GRIDS, ACC, INT64)
 
         out_off = (b * (H * W) + p)[:, None] * C + offs_c[None, :]
         m = mask_p[:, None] & mask_c[None, :]
         tl.store(gx_ptr + out_off, acc.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+    @triton.jit
+    def _pyramid_pool_ln_bwd_kernel(
+        g_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, gx_ptr, part_ptr,
+        N_PIX, H, W, C, iters,
+        sgb, sgn, sgc, sxb, sxh, sxw, sxc,
+        G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H, G6W, G7H, G7W,
+        NUM_GRIDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr, INT64: tl.constexpr,
+    ):
+        """The backward of pyramid_pool(layer_norm(x)): per pixel, d(normalised x) gathered from every grid's
+        cells over whole rows (BLOCK_C >= C), then the LayerNorm backward (xhat recomputed from x and the saved
+        statistics, the row reductions in registers): dx written once, the normalised map never stored.  A
+        program walks ``iters`` pixel blocks (of any samples) and writes one fp32 partial row pair of the
+        LayerNorm's weight and bias gradients, summed over the programs afterwards in a fixed order."""
+        pid = tl.program_id(0)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        gam = tl.load(lnw_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+        acc_w = tl.zeros([BLOCK_C], ACC)
+        acc_b = tl.zeros([BLOCK_C], ACC)
+        for it in range(0, iters):
+            p = (pid * iters + it) * BLOCK_P + tl.arange(0, BLOCK_P)
+            if INT64:
+                p = p.to(tl.int64)
+            mask_p = p < N_PIX
+            b = p // (H * W)
+            hw = p - b * (H * W)
+            h = hw // W
+            w = hw - h * W
+            if INT64:
+                c_off = offs_c.to(tl.int64) * sgc
+            else:
+                c_off = offs_c * sgc
+            acc = _gather_all(tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC), g_ptr + (b * sgb)[:, None], sgn, c_off, mask_c,
+                              mask_p, h, w, H, W, G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H,
+                              G6W, G7H, G7W, NUM_GRIDS, ACC, INT64)
+            m2 = mask_p[:, None] & mask_c[None, :]
+            xv = tl.load(x_ptr + (b * sxb + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc, mask=m2,
+                         other=0.0).to(ACC)
+            mu = tl.load(mean_ptr + p, mask=mask_p, other=0.0).to(ACC)
+            rs = tl.load(rstd_ptr + p, mask=mask_p, other=0.0).to(ACC)
+            xhat = tl.where(m2, (xv - mu[:, None]) * rs[:, None], 0.0)
+            acc_w += tl.sum(acc * xhat, axis=0)              # acc is 0 off the map and past C
+            acc_b += tl.sum(acc, axis=0)
+            dxhat = acc * gam[None, :]
+            c1 = tl.sum(dxhat * xhat, axis=1) / C
+            c2 = tl.sum(dxhat, axis=1) / C
+            dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rs[:, None]
+            tl.store(gx_ptr + p[:, None] * C + offs_c[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
+        tl.store(part_ptr + pid * 2 * C + offs_c, acc_w, mask=mask_c)
+        tl.store(part_ptr + pid * 2 * C + C + offs_c, acc_b, mask=mask_c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,10 +423,50 @@ def _backward_config(C: int, H: int, W: int, int64: bool = False):
     return max(4, min((512 if int64 else 1024) // block_c, next_pow2(H * W))), block_c   # int64: 64-bit index math
 
 
+def _stats_config(C: int, n_pix: int):
+    """(BLOCK_P, BLOCK_C) of the LayerNorm statistics pass: pixels x channels, ~2K elements on a GPU."""
+    if big_interpreter_tiles():
+        return min(1024, next_pow2(n_pix)), next_pow2(C)
+    block_c = min(next_pow2(C), 128)
+    return max(1, min(2048 // block_c, next_pow2(n_pix))), block_c
+
+
+#: the LayerNorm'd backward's programs: about this many per SM (each walks ``iters`` pixel blocks and writes
+#: one fp32 partial row pair of the LayerNorm's weight and bias gradients), at least this many blocks each
+LN_PROGRAMS_PER_SM, LN_MIN_ITERS = 8, 8
+
+
+def _ln_backward_config(C: int, n_pix: int, device: torch.device, int64: bool = False):
+    """(BLOCK_P, BLOCK_C, iters, programs) of the LayerNorm'd backward: whole rows (BLOCK_C >= C), ~1K elements
+    per tile on a GPU as the plain backward (the grids' gathers are unrolled)."""
+    block_c = next_pow2(C)
+    if big_interpreter_tiles():
+        block_p = max(1, min(16384 // block_c, next_pow2(n_pix)))
+    else:
+        block_p = max(1, min((512 if int64 else 1024) // block_c, next_pow2(n_pix)))
+    blocks = cdiv(n_pix, block_p)
+    programs = max(1, min(LN_PROGRAMS_PER_SM * num_sms(device), blocks // LN_MIN_ITERS))
+    iters = cdiv(blocks, programs)
+    return block_p, block_c, iters, cdiv(blocks, iters)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch
 # ----------------------------------------------------------------------------------------------
-def _forward_triton(x: Tensor, pairs) -> Tensor:
+def _stats_triton(x: Tensor, eps: float):
+    """Per-pixel LayerNorm (mean, 1/std) (B, H, W) in the math dtype."""
+    B, H, W, C = x.shape
+    mean, rstd = (new_empty((B, H, W), acc_dtype(x.dtype), x.device) for _ in range(2))
+    block_p, block_c = _stats_config(C, B * H * W)
+    with device_guard(x):
+        _ln_stats_kernel[(cdiv(B * H * W, block_p),)](
+            x, mean, rstd, B * H * W, H, W, C, *x.stride(), float(eps), ACC=tl_acc(x.dtype),
+            INT64=needs_int64(x), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **launch_options())
+    return mean, rstd
+
+
+def _forward_triton(x: Tensor, pairs, norm=None) -> Tensor:
+    """Pool x, or its LayerNorm with ``norm = (mean, rstd, weight, bias)`` (the statistics of _stats_triton)."""
     B, H, W, C = x.shape
     n_total = sum(gh * gw for gh, gw in pairs)
     out = new_empty((B, n_total, C), x.dtype, x.device)
@@ -332,8 +481,9 @@ def _forward_triton(x: Tensor, pairs) -> Tensor:
     grid = (B * n_cb * blk0,)
     with device_guard(x):
         _pyramid_pool_fwd_kernel[grid](
-            x, out, H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
+            x, out, *(norm if norm is not None else (x,) * 4), H, W, C, n_total, blk0, n_cb, *x.stride(), *args,
             NUM_GRIDS=len(pairs), BLOCK_CELLS=block_cells, BLOCK_Q=block_q, BLOCK_C=block_c,
+            LAYER_NORM=norm is not None,
             ACC=tl_acc(x.dtype), INT64=needs_int64(x, out) or _index_int64(pairs, H, W), num_warps=4, **launch_options(),
         )
     return out
@@ -354,6 +504,22 @@ def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
             ACC=tl_acc(grad.dtype), INT64=int64, num_warps=4, **launch_options(),
         )
     return gx
+
+
+def _ln_backward_triton(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, pairs):
+    """(dx, d_weight, d_bias) of pyramid_pool(layer_norm(x)); the LayerNorm's gradients in the math dtype."""
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    gx = new_empty((B, H, W, C), x.dtype, x.device)
+    int64 = needs_int64(grad, x, gx) or _index_int64(pairs, H, W)
+    block_p, block_c, iters, programs = _ln_backward_config(C, B * H * W, x.device, int64)
+    part = new_empty((programs, 2, C), acc, x.device)
+    with device_guard(x):
+        _pyramid_pool_ln_bwd_kernel[(programs,)](
+            grad, x, mean, rstd, weight, gx, part, B * H * W, H, W, C, iters, *grad.stride(), *x.stride(),
+            *_grid_args(pairs), NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc(x.dtype),
+            INT64=int64, num_warps=4, **launch_options())
+    return gx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,15 +556,39 @@ def adaptive_avg_pool(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), tuple(size)).permute(0, 2, 3, 1)
 
 
-def pyramid_pool_reference(x: Tensor, grids: Sequence[Sequence[int]]) -> Tensor:
-    """The reference math: ``x`` (B, H, W, C) pooled to every grid, cells concatenated
-    (B, sum(gh*gw), C), grid after grid, each row-major (the fused op's layout)."""
+def pyramid_pool_reference(x: Tensor, grids: Sequence[Sequence[int]], norm_weight: Optional[Tensor] = None,
+                           norm_bias: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """The reference math: ``x`` (B, H, W, C), LayerNorm'd first when ``norm_weight``/``norm_bias`` are given,
+    pooled to every grid, cells concatenated (B, sum(gh*gw), C), grid after grid, each row-major (the fused
+    op's layout)."""
     B, C = x.shape[0], x.shape[3]
+    if norm_weight is not None:
+        x = F.layer_norm(x, (C,), norm_weight, norm_bias, eps)
     return torch.cat([adaptive_avg_pool(x, g).reshape(B, -1, C) for g in grids], 1)
 
 
 def _forward_reference(x: Tensor, pairs) -> Tensor:
     return pyramid_pool_reference(x, pairs)
+
+
+def _ln_forward_reference(x: Tensor, pairs, weight: Tensor, bias: Tensor, eps: float):
+    """(pooled layer_norm(x) in x's dtype, mean, 1/std in the math dtype), the LayerNorm in the math dtype."""
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    xn = (xa - mean[..., None]) * rstd[..., None] * weight.to(acc) + bias.to(acc)
+    return pyramid_pool_reference(xn, pairs).to(x.dtype), mean, rstd
+
+
+def _ln_backward_reference(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, pairs):
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    g = _backward_reference(grad.to(acc), pairs, H, W)          # d(normalised x)
+    xhat = (x.to(acc) - mean[..., None]) * rstd[..., None]
+    dxhat = g * weight.to(acc)
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True) - dxhat.mean(-1, keepdim=True)) * rstd[..., None]
+    return dx.to(x.dtype), (g * xhat).sum((0, 1, 2)), g.sum((0, 1, 2))
 
 
 def _backward_reference(grad: Tensor, pairs, H: int, W: int) -> Tensor:
@@ -468,6 +658,62 @@ _pyramid_pool_op.register_autograd(_backward, setup_context=_setup_context)
 _pyramid_pool_backward_op.register_autograd(_backward_backward_op, setup_context=_setup_context_backward_op)
 
 
+@torch.library.custom_op("lrformer::layer_norm_pyramid_pool", mutates_args=())
+def _ln_pool_op(x: Tensor, grids: List[int], weight: Tensor, bias: Tensor,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(pyramid_pool(layer_norm(x)), the LayerNorm's per-pixel mean and 1/std (B, H, W) in the math dtype)."""
+    pairs = _pairs(grids)
+    if use_kernel(x):
+        mean, rstd = _stats_triton(x, eps)
+        return _forward_triton(x, pairs, (mean, rstd, weight, bias)), mean, rstd
+    return _ln_forward_reference(x, pairs, weight, bias, eps)
+
+
+@_ln_pool_op.register_fake
+def _(x, grids, weight, bias, eps):
+    B, H, W, C = x.shape
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((B, pyramid_total(grids), C)), x.new_empty((B, H, W), dtype=acc), x.new_empty((B, H, W), dtype=acc)
+
+
+@torch.library.custom_op("lrformer::layer_norm_pyramid_pool_backward", mutates_args=())
+def _ln_pool_backward_op(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                         grids: List[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx in x's dtype, the LayerNorm's weight and bias gradients in the math dtype)."""
+    pairs = _pairs(grids)
+    if use_kernel(grad):
+        return _ln_backward_triton(grad, x, mean, rstd, weight, pairs)
+    return _ln_backward_reference(grad, x, mean, rstd, weight, pairs)
+
+
+@_ln_pool_backward_op.register_fake
+def _(grad, x, mean, rstd, weight, grids):
+    acc = acc_dtype(x.dtype)
+    C = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+def _setup_context_ln(ctx, inputs, output):
+    x, grids, weight, bias, _eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.grids = list(grids)
+    ctx.bias_dtype = bias.dtype
+
+
+def _backward_ln(ctx, grad, _dmean, _drstd):
+    if grad is None:
+        return None, None, None, None, None
+    x, mean, rstd, weight = ctx.saved_tensors
+    dx, dw, db = _ln_pool_backward_op(grad, x, mean, rstd, weight, ctx.grids)
+    return dx, None, dw.to(weight.dtype), db.to(ctx.bias_dtype), None
+
+
+_ln_pool_op.register_autograd(_backward_ln, setup_context=_setup_context_ln)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
@@ -492,16 +738,33 @@ def _check_grids(grids) -> List[int]:
     return flat
 
 
-def pyramid_pool(x: Tensor, grids: Sequence[Sequence[int]]) -> Tensor:
+def pyramid_pool(x: Tensor, grids: Sequence[Sequence[int]], norm_weight: Optional[Tensor] = None,
+                 norm_bias: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """Adaptive-average-pool ``x`` (B, H, W, C), any strides, to every grid of ``grids`` at once.
 
     grids: 1 to 8 ``(gh, gw)`` pairs of positive ints (may exceed H/W).  Returns a contiguous
     ``(B, sum(gh*gw), C)`` tensor in x's dtype: each grid's cells row-major, grids in order
-    (``split_pyramid`` gives per-grid views).  Differentiable (twice), torch.compile-able.
+    (``split_pyramid`` gives per-grid views).  Differentiable, torch.compile-able.
+    ``norm_weight``/``norm_bias`` (C,): pool ``layer_norm(x)`` instead (an LRSA's norm1), the normalised map
+    never materialised: per-pixel statistics in a first pass, each pixel normalised as the pooling loads it;
+    the backward gathers the pooled gradient and runs the LayerNorm backward in one pass.  Differentiable twice
+    without the LayerNorm.
     """
     check_tensor(x, "x", ndim=4, dtypes=FLOAT_DTYPES)
     flat = _check_grids(grids)
-    return _pyramid_pool_op(x, flat)
+    if norm_weight is None and norm_bias is None:
+        return _pyramid_pool_op(x, flat)
+    if norm_weight is None or norm_bias is None:
+        raise ValueError("norm_weight and norm_bias go together (a LayerNorm with both, or neither)")
+    C = x.shape[-1]
+    check_tensor(norm_weight, "norm_weight", ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor(norm_bias, "norm_bias", ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    if norm_weight.shape[0] != C or norm_bias.shape[0] != C:
+        raise ValueError(f"norm_weight and norm_bias must be ({C},), got {tuple(norm_weight.shape)} and "
+                         f"{tuple(norm_bias.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return _ln_pool_op(x, flat, norm_weight, norm_bias, float(eps))[0]
 
 
 def split_pyramid(out: Tensor, grids: Sequence[Sequence[int]]) -> List[Tensor]:

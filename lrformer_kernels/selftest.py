@@ -55,6 +55,9 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
     out = [
         ("pyramid_pool", lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev),),
          lambda x: F.pyramid_pool(x, grids), lambda x: R.pyramid_pool(x, grids)),
+        ("pyramid_pool (norm1)", lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev) + 1,
+                                                  1 + randn(C, dt=dt, dev=dev) / 10, randn(C, dt=dt, dev=dev)),
+         lambda x, nw, nb: F.pyramid_pool(x, grids, nw, nb), lambda x, nw, nb: R.pyramid_pool(x, grids, nw, nb)),
         ("lowres_attention", lambda dt, dev: (randn(B, nq, C, dt=dt, dev=dev), randn(B, m, 2 * C, dt=dt, dev=dev)),
          lambda q, kv: F.lowres_attention(q, kv[..., :C], kv[..., C:], heads),
          lambda q, kv: R.lowres_attention(q, kv[..., :C], kv[..., C:], heads)),
@@ -102,10 +105,11 @@ def _irb_inputs(B, h, w, C, HD, dt, dev, randn):
 
 
 def _lrsa_block(B, h, w, C, heads, grids, randn):
-    """A whole LRSA step composed from the ops (pooling, pooled-map convs, attention, upsample-residual)."""
+    """A whole LRSA step composed from the ops (norm1 + pooling, pooled-map convs, attention, upsample-residual)."""
     from .lrsa import lrsa_low
     torch.manual_seed(0)
-    mods = nn.ModuleDict(dict(norm=nn.LayerNorm(C), kv=nn.Linear(C, 2 * C), proj=nn.Linear(C, C), q=nn.Linear(C, C),
+    mods = nn.ModuleDict(dict(norm1=nn.LayerNorm(C, eps=1e-6), norm=nn.LayerNorm(C), kv=nn.Linear(C, 2 * C),
+                              proj=nn.Linear(C, C), q=nn.Linear(C, C),
                               d_convs=nn.ModuleList(nn.Conv2d(C, C, 3, padding=1, groups=C) for _ in grids[1:])))
 
     copies = {}
@@ -117,7 +121,7 @@ def _lrsa_block(B, h, w, C, heads, grids, randn):
             copies[key] = copy.deepcopy(mods).to(device=x.device, dtype=x.dtype)
         m = copies[key]
         low = lrsa_low(ops, x, grids, m.q.weight, m.q.bias, m.norm, m.kv, m.proj, heads, (C // heads) ** -0.5,
-                       m.d_convs)
+                       m.d_convs, in_norm=m.norm1)
         return ops.upsample_residual(x, low)
     return (lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev),),
             lambda x: run(backend.FUSED, x), lambda x: run(backend.REFERENCE, x))

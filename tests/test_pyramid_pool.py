@@ -124,6 +124,100 @@ def test_gpu_block_sizes(device, kernel_only, monkeypatch):
         _run_case(1, 9, 10, 70, grids, "sliced", device, dtype)
 
 
+def _check_layer_norm(B, H, W, C, kind, layout, device, dtype, pdtype=None):
+    """pyramid_pool(x, grids, w, b) and its gradients (x, w, b) against pool(F.layer_norm(x)) in float64,
+    the outputs poisoned, the kernels taken (the reference paths raise)."""
+    grids = grids_for(kind, H, W)
+    x = (2 + 3 * make_input(B, H, W, C, layout, dtype, device)).detach().requires_grad_()   # a non-zero mean
+    pdtype = pdtype or dtype
+    w = (1 + 0.1 * torch.randn(C, device=device)).to(pdtype).requires_grad_()
+    b = torch.randn(C, device=device).to(pdtype).requires_grad_()
+    out = pyramid_pool(x, grids, w, b, 1e-6)
+    assert out.dtype == dtype and out.shape == (B, sum(a * c for a, c in grids), C)
+    r = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.pyramid_pool_reference(r[0], grids, r[1], r[2], 1e-6)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    want = torch.autograd.grad(ref, r, g.double())
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    for name, a, e, t in zip("xwb", got, want, (x, w, b)):
+        assert a.dtype == t.dtype and rel_err(a, e) < tol, (name, (B, H, W, C), rel_err(a, e))
+
+
+@pytest.fixture
+def ln_kernel_only(monkeypatch):
+    """The LayerNorm'd pooling: fail on the reference paths; poison the outputs."""
+    def boom(*a, **k):
+        raise AssertionError("reference path taken instead of the Triton kernel")
+    monkeypatch.setattr(pp, "_ln_forward_reference", boom)
+    monkeypatch.setattr(pp, "_ln_backward_reference", boom)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[5], CASES[6], CASES[7]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_layer_norm_pool(case, device, ln_kernel_only):
+    """norm1 inside the pooling: odd / non-square maps, maps smaller than every grid, overlapping windows, 8 grids,
+    NCHW / sliced / batch-expanded inputs, batch 1 and 2; forward and backward."""
+    for dtype in dtypes_for(device):
+        _check_layer_norm(*case, device, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("sms", [1, 132])
+def test_layer_norm_pool_gpu_tiles(device, sms, ln_kernel_only, monkeypatch):
+    """The CUDA dispatch's tiles: statistics in several channel chunks, several cell blocks per grid, backward
+    programs walking several pixel blocks across samples (1 SM) or one each (132), whole rows wider than 64,
+    every encoder width of T/S (48 .. 512), the int64 path."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", sms)
+    monkeypatch.setattr(pp, "LN_MIN_ITERS", 1 if sms == 132 else pp.LN_MIN_ITERS)
+    assert pp._stats_config(200, 90)[1] < 200
+    bp, bc, iters, programs = pp._ln_backward_config(70, 2 * 9 * 10, torch.device(device))
+    assert bc >= 70 and (iters > 1 if sms == 1 else programs > 1), (bp, bc, iters, programs)
+    for dtype in dtypes_for(device):
+        _check_layer_norm(2, 9, 10, 70, [(4, 4), (3, 5), (12, 20), (1, 1), (5, 2)], "sliced", device, dtype)
+        _check_layer_norm(3, 5, 3, 200, "lrsa", "contig", device, dtype)
+        for C in (48, 512):
+            _check_layer_norm(1, 4, 6, C, "lrsa", "nchw", device, dtype)
+        monkeypatch.setattr(pp, "needs_int64", lambda *t: True)
+        _check_layer_norm(1, 6, 7, 24, "lrsa", "contig", device, dtype)
+        monkeypatch.setattr(pp, "needs_int64", common.needs_int64)
+
+
+def test_layer_norm_pool_half_twin_and_options(ln_kernel_only):
+    """bf16's fp16 twin (fp32 LayerNorm parameters, fp32 statistics), opcheck of both ops, gradcheck, and the
+    reference backend's path (F.layer_norm then the pool) agreeing with the op's own reference."""
+    _check_layer_norm(2, 6, 5, 16, "lrsa", "contig", "cpu", torch.float16, pdtype=torch.float32)
+    grids = F.lrsa_grids(3, 4, 2)
+    flat = pp._check_grids(grids)
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: pyramid_pool(a[0], grids, a[1], a[2]), (x, w, b), fast_mode=True)
+    torch.library.opcheck(torch.ops.lrformer.layer_norm_pyramid_pool, (x, flat, w, b, 1e-6),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, mean, rstd = torch.ops.lrformer.layer_norm_pyramid_pool(x.detach(), flat, w.detach(), b.detach(), 1e-6)
+    torch.library.opcheck(torch.ops.lrformer.layer_norm_pyramid_pool_backward,
+                          (torch.randn_like(out), x.detach(), mean, rstd, w.detach(), flat),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_layer_norm_pool_bad_input():
+    x = torch.randn(1, 4, 4, 8)
+    g = F.lrsa_grids(4, 4, 2)
+    with pytest.raises(ValueError, match="together"):
+        pyramid_pool(x, g, torch.ones(8))
+    with pytest.raises(ValueError, match=r"\(8,\)"):
+        pyramid_pool(x, g, torch.ones(4), torch.zeros(4))
+    with pytest.raises(TypeError, match="norm_bias"):
+        pyramid_pool(x, g, torch.ones(8), torch.zeros(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="eps"):
+        pyramid_pool(x, g, torch.ones(8), torch.zeros(8), eps=0.0)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_expanded_upstream_gradient(device, kernel_only):
     """out.sum().backward() hands the backward a stride-0 gradient."""

@@ -80,6 +80,25 @@ def _no_extra(args, out) -> int:
     return 0
 
 
+def _ln_pool_forward_extra(args, out) -> int:
+    """Two launches: the LayerNorm statistics (x read, mean and 1/std written), then the pooling (x read again,
+    each pixel normalised as it is loaded: the statistics read once more; the grids' windows hit L2)."""
+    x, (_, mean, rstd) = args[0], out
+    return tensor_bytes(x) + tensor_bytes(mean) + tensor_bytes(rstd)
+
+
+def _ln_pool_backward_extra(args, out) -> int:
+    """One launch (the pooled gradient gathered from L1/L2, x and the statistics read once, dx written once)
+    writing fp32 partials (programs, 2, C) of the LayerNorm's weight and bias gradients, read by the fixed-order
+    sums."""
+    pp = _kernels("pyramid_pool")
+    x = args[1]
+    B, H, W, C = x.shape
+    with _gpu_tiles():
+        programs = pp._ln_backward_config(C, B * H * W, x.device)[3]
+    return 2 * programs * 2 * C * _acc_size(x)
+
+
 def _lowres_attention_backward_extra(args, out) -> int:
     """Two launches: the dQ kernel (reads q, dO, the row max and row sum once, k and v twice: one pass
     over the keys for delta = sum p dP, fp32 B*heads*Nq, written; one for dQ), then the dK/dV kernel
@@ -259,6 +278,8 @@ def _irb_backward_extra(args, out) -> int:
 FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::pyramid_pool": _no_extra,            # one launch; the grids' overlapping windows hit L2
     "lrformer::pyramid_pool_backward": _no_extra,   # one launch, a gather: grad_x written once
+    "lrformer::layer_norm_pyramid_pool": _ln_pool_forward_extra,
+    "lrformer::layer_norm_pyramid_pool_backward": _ln_pool_backward_extra,
     "lrformer::lowres_attention": _no_extra,        # one launch (online softmax)
     "lrformer::lowres_attention_backward": _lowres_attention_backward_extra,
     "lrformer::upsample_residual": _no_extra,       # one launch

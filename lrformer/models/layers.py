@@ -127,11 +127,13 @@ class LRSA(Fusable, nn.Module):
     def grids(self, h: int, w: int):
         return lrsa_grids(h, w, self.q_size, self.kv_sizes)
 
-    def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
-        """The low-resolution branch (B, hq, wq, C) of a normalised map x (B, H, W, C)."""
+    def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None,
+                    in_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """The low-resolution branch (B, hq, wq, C) of a normalised map x (B, H, W, C), or of ``in_norm(x)``
+        (normalised by the pooling, never materialised)."""
         qw, qb = self.q_linear()
         return lrsa_low(self.ops, x, self.grids(x.shape[1], x.shape[2]), qw, qb, self.norm, self.kv_linear(),
-                        self.proj, self.num_heads, self.scale, d_convs)
+                        self.proj, self.num_heads, self.scale, d_convs, in_norm)
 
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         """x: normalised map (B, H, W, C) -> attention branch at full resolution (B, H, W, C)."""
@@ -144,8 +146,9 @@ class LRSA(Fusable, nn.Module):
 class Block(Fusable, nn.Module):
     """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
 
-    x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x)));
-    x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm included).  Tokens-last in and out.
+    x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x))) (an encoder block's LayerNorm
+    norm1 inside ``ops.pyramid_pool``); x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm
+    included).  Tokens-last in and out.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
@@ -177,7 +180,10 @@ class Block(Fusable, nn.Module):
         if self.pre_norm is not None:
             x = batch_norm_bhwc(self.pre_norm, x)
         x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
-        low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
+        if isinstance(self.norm1, nn.LayerNorm) and self.norm1.weight is not None:   # norm1 inside the pooling
+            low = self.attn.forward_low(x, d_convs, in_norm=self.norm1)
+        else:
+            low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
         x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
         keep = self.drop_path.keep(x)
         if isinstance(self.norm2, nn.LayerNorm) and self.norm2.weight is not None:   # norm2 inside the op
