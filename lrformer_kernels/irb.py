@@ -277,20 +277,20 @@ if HAS_TRITON:
                 kmask = rk < HD
                 a = tl.load(du_ptr + rm[:, None] * HD + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
                 wt = tl.load(w1_ptr + rk[:, None] * C + rc[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-                acc += tl.dot(a.to(DT), wt.to(DT), input_precision=DOT_PREC).to(ACC)
+                acc = tl.dot(a.to(DT), wt.to(DT), acc, input_precision=DOT_PREC)    # in place: no second row tile
             m2 = mmask[:, None] & cmask[None, :]
             offs = rm[:, None] * C + rc[None, :]
             if LAYER_NORM:
                 mean = tl.load(mean_ptr + rm, mask=mmask, other=0.0).to(ACC)
                 rstd = tl.load(rstd_ptr + rm, mask=mmask, other=0.0).to(ACC)
-                xk = tl.load(x_ptr + offs, mask=m2, other=0.0).to(ACC)
-                xhat = tl.where(m2, (xk - mean[:, None]) * rstd[:, None], 0.0)
+                xhat = tl.where(m2, (tl.load(x_ptr + offs, mask=m2, other=0.0).to(ACC) - mean[:, None]) * rstd[:, None],
+                                0.0)
                 acc_w += tl.sum(acc * xhat, axis=0)          # acc is 0 on rows past M
                 acc_b += tl.sum(acc, axis=0)
-                dxhat = acc * g[None, :]
-                c1 = tl.sum(dxhat * xhat, axis=1) / C
-                c2 = tl.sum(dxhat, axis=1) / C
-                acc = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                acc = acc * g[None, :]                       # d(xhat)
+                c1 = tl.sum(acc * xhat, axis=1) / C
+                c2 = tl.sum(acc, axis=1) / C
+                acc = (acc - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if ADD_DY:
                 acc += tl.load(dy_ptr + offs, mask=m2, other=0.0).to(ACC)
             tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m2)
@@ -414,22 +414,26 @@ def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
 #: channels per row tile on a GPU, its GEMM depth tile and warps; used while C fits DX_MAX_C (wider maps: torch.mm
 #: and ATen's LayerNorm backward)
 DX_CONFIG = {"elements": 4096, "block_k": 32, "warps": 8}
-#: warps for row tiles wider than ``DX_CONFIG["elements"]`` (16 x 512: 8 warps spill on sm_90)
-DX_WIDE_WARPS = 16
+#: row tiles wider than ``DX_CONFIG["elements"]`` (16 x 512): 16-deep GEMM tiles, and dy added by a second pass
+#: (in the kernel's epilogue too, 32-deep tiles or dy spill on sm_90)
+DX_WIDE_BLOCK_K = 16
 DX_MAX_C = 512
 
 
 def _dx_config(M: int, C: int, HD: int, device: torch.device):
-    """(BLOCK_M, BLOCK_C, BLOCK_K, warps, iters, programs) of the dx kernel: about ``PROGRAMS_PER_SM`` programs per
-    SM in all, each walking ``iters`` row tiles."""
+    """(BLOCK_M, BLOCK_C, BLOCK_K, warps, iters, programs, wide) of the dx kernel: about ``PROGRAMS_PER_SM`` programs
+    per SM in all, each walking ``iters`` row tiles; ``wide``: a GPU row tile over the element budget (dy is then
+    added by a second pass)."""
     bc = max(16, next_pow2(C))
-    elements = DX_CONFIG["elements"] * (8 if big_interpreter_tiles() else 1)
-    bm = max(16, min(elements // bc, next_pow2(M)))
+    big = big_interpreter_tiles()
+    bm = max(16, min(DX_CONFIG["elements"] * (8 if big else 1) // bc, next_pow2(M)))
     bk = max(16, min(DX_CONFIG["block_k"], next_pow2(HD)))
     chunks = cdiv(M, bm)
     iters = cdiv(chunks, PROGRAMS_PER_SM * num_sms(device))
-    warps = DX_CONFIG["warps"] if bm * bc <= DX_CONFIG["elements"] else DX_WIDE_WARPS
-    return bm, bc, bk, warps, iters, cdiv(chunks, iters)
+    wide = not big and bm * bc > DX_CONFIG["elements"]
+    if wide:
+        bk = min(bk, DX_WIDE_BLOCK_K)
+    return bm, bc, bk, DX_CONFIG["warps"], iters, cdiv(chunks, iters), wide
 
 
 #: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU
@@ -526,7 +530,7 @@ def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
     B, H, W, C = x.shape
     M, HD = du.shape
     x, w1 = x.contiguous(), w1.contiguous()
-    bm, bc, bk, warps, iters, programs = _dx_config(M, C, HD, du.device)
+    bm, bc, bk, warps, iters, programs, wide = _dx_config(M, C, HD, du.device)
     acc = acc_dtype(x.dtype)
     ln = norm_weight is not None
     dx = new_empty(x.shape, x.dtype, x.device)
@@ -534,9 +538,11 @@ def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
     with device_guard(du):
         _irb_dx_kernel[(programs,)](
             du, w1, x, mean, rstd, norm_weight if ln else mean, dy if dy is not None else x, dx, part, M, C, HD, iters,
-            LAYER_NORM=ln, ADD_DY=dy is not None, INT64=needs_int64(du, x), ACC=tl_acc(x.dtype),
+            LAYER_NORM=ln, ADD_DY=dy is not None and not wide, INT64=needs_int64(du, x), ACC=tl_acc(x.dtype),
             DOT_PREC=_dot_precision(du.dtype), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1,
             **launch_options())
+    if dy is not None and wide:
+        dx += dy
     if not ln:
         return dx, None, None
     return dx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic

@@ -190,8 +190,9 @@ def test_dgrad_op(monkeypatch, sms):
 @pytest.mark.parametrize("sms", [1, 132])
 def test_input_grad_op(monkeypatch, sms):
     """dx = LayerNorm backward(du w1) + dy in one kernel, dxn never stored, alone on the GPU tiles: programs walking
-    several row tiles (1 SM, one program) and one each (an H100's 132), a partial last tile, with and without the LayerNorm
-    and dy, a map wider than the kernel takes (the reference path); float64 against autograd through
+    several row tiles (1 SM, one program) and one each (an H100's 132), a partial last tile, with and without the
+    LayerNorm and dy, 16 x 512 row tiles (dy added by a second pass), a map wider than the kernel takes (the
+    reference path); float64 against autograd through
     F.layer_norm; outputs poisoned; opcheck."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", sms)
@@ -199,7 +200,8 @@ def test_input_grad_op(monkeypatch, sms):
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     F = torch.nn.functional
     for (B, H, W, C, HD), ln, add in (((2, 9, 13, 80, 48), True, True), ((1, 7, 5, 24, 96), True, False),
-                                      ((3, 4, 3, 40, 16), False, True), ((1, 3, 3, 16, 32), False, False)):
+                                      ((3, 4, 3, 40, 16), False, True), ((1, 3, 3, 16, 32), False, False),
+                                      ((1, 5, 7, 300, 32), True, True)):    # rows wider than a tile: dy added after
         x = (2 + 3 * torch.randn(B, H, W, C, dtype=torch.float64)).requires_grad_(True)
         du = torch.randn(B * H * W, HD, dtype=torch.float64)
         w1 = torch.randn(HD, C, dtype=torch.float64)
@@ -208,8 +210,10 @@ def test_input_grad_op(monkeypatch, sms):
         nb = torch.randn(C, dtype=torch.float64, requires_grad=True) if ln else None
         var, mean = torch.var_mean(x.detach(), dim=-1, unbiased=False)
         rstd = torch.rsqrt(var + 1e-6)
+        cfg = mod._dx_config(B * H * W, C, HD, x.device)
+        assert cfg[6] == (C == 300)                                           # the wide row tiles
         if sms == 1 and C == 80:
-            assert mod._dx_config(B * H * W, C, HD, x.device)[4] > 1        # several row tiles per program
+            assert cfg[4] > 1                                                 # several row tiles per program
         xn = F.layer_norm(x, (C,), nw, nb, 1e-6) if ln else x
         want = torch.autograd.grad(xn, [x] + ([nw, nb] if ln else []), (du @ w1).reshape(x.shape))
         dx, dnw, dnb = mod.irb_input_grad(du, w1, x.detach(), mean, rstd, nw, dy)
