@@ -55,6 +55,15 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def layer_norm_backward_rows(dxn, xhat, rstd, gamma, C):
+        """dx of a LayerNorm over whole rows held in one tile ``[rows, BLOCK_C >= C]``: ``dxn`` = d(normalised x),
+        ``xhat = (x - mean) * rstd`` (0 past C and off the rows), ``gamma`` its weight (0 past C)."""
+        d = dxn * gamma[None, :]
+        c1 = tl.sum(d * xhat, axis=1) / C
+        c2 = tl.sum(d, axis=1) / C
+        return (d - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+    @triton.jit
     def bilinear_support(first, last, n_in, n_out):
         """Output indices ``[lo, hi)`` of a bilinear resize n_in -> n_out whose i0 or i1 tap lies in the
         source range ``[first, last]`` (closed form: the first output with i0 >= k is

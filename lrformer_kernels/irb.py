@@ -57,6 +57,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import layer_norm_backward_rows
     from .dwconv import _load_tap, _load_w, _pixels
 
 __all__ = ["irb", "irb_reference"]
@@ -287,10 +288,7 @@ if HAS_TRITON:
                                 0.0)
                 acc_w += tl.sum(acc * xhat, axis=0)          # acc is 0 on rows past M
                 acc_b += tl.sum(acc, axis=0)
-                acc = acc * g[None, :]                       # d(xhat)
-                c1 = tl.sum(acc * xhat, axis=1) / C
-                c2 = tl.sum(acc, axis=1) / C
-                acc = (acc - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                acc = layer_norm_backward_rows(acc, xhat, rstd, g, C)
             if ADD_DY:
                 acc += tl.load(dy_ptr + offs, mask=m2, other=0.0).to(ACC)
             tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m2)

@@ -68,6 +68,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import layer_norm_backward_rows
+
 #: most grids one call can pool (the kernels take the grid sizes as scalar arguments).
 MAX_GRIDS = 8
 #: most cells all grids of one call may hold (cell indices are int32 inside the kernels): larger grids are
@@ -363,10 +365,7 @@ if HAS_TRITON:
             xhat = tl.where(m2, (xv - mu[:, None]) * rs[:, None], 0.0)
             acc_w += tl.sum(acc * xhat, axis=0)              # acc is 0 off the map and past C
             acc_b += tl.sum(acc, axis=0)
-            dxhat = acc * gam[None, :]
-            c1 = tl.sum(dxhat * xhat, axis=1) / C
-            c2 = tl.sum(dxhat, axis=1) / C
-            dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rs[:, None]
+            dx = layer_norm_backward_rows(acc, xhat, rs, gam, C)
             tl.store(gx_ptr + p[:, None] * C + offs_c[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
         tl.store(part_ptr + pid * 2 * C + offs_c, acc_w, mask=mask_c)
         tl.store(part_ptr + pid * 2 * C + C + offs_c, acc_b, mask=mask_c)

@@ -67,6 +67,8 @@ def kernel_only(monkeypatch):
         raise AssertionError("reference path taken instead of the Triton kernel")
     monkeypatch.setattr(pp, "_forward_reference", boom)
     monkeypatch.setattr(pp, "_backward_reference", boom)
+    monkeypatch.setattr(pp, "_ln_forward_reference", boom)
+    monkeypatch.setattr(pp, "_ln_backward_reference", boom)
 
 
 # (B, H, W, C, grids, layout)
@@ -146,12 +148,8 @@ def _check_layer_norm(B, H, W, C, kind, layout, device, dtype, pdtype=None):
 
 
 @pytest.fixture
-def ln_kernel_only(monkeypatch):
-    """The LayerNorm'd pooling: fail on the reference paths; poison the outputs."""
-    def boom(*a, **k):
-        raise AssertionError("reference path taken instead of the Triton kernel")
-    monkeypatch.setattr(pp, "_ln_forward_reference", boom)
-    monkeypatch.setattr(pp, "_ln_backward_reference", boom)
+def ln_kernel_only(kernel_only, monkeypatch):
+    """The LayerNorm'd pooling: the kernels taken, the outputs poisoned."""
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
