@@ -248,6 +248,31 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
+def layer_norm_statistics(xa: torch.Tensor, eps: float):
+    """Per-row LayerNorm statistics (mean, 1/std) over the last dim of ``xa`` (in the math dtype)."""
+    var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def layer_norm_from_statistics(xa: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor) -> torch.Tensor:
+    """The LayerNorm of ``xa`` (in the math dtype) from its row statistics (mean, 1/std)."""
+    return (xa - mean[..., None]) * rstd[..., None] * weight.to(xa.dtype) + bias.to(xa.dtype)
+
+
+def layer_norm_backward_reference(dxn: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                  weight: torch.Tensor):
+    """(dx in x's dtype, d_weight, d_bias in the math dtype) of a LayerNorm over x's last dim from the gradient of
+    its output ``dxn`` and the forward's row statistics, by ATen's LayerNorm backward."""
+    C, acc = x.shape[-1], acc_dtype(x.dtype)
+    # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
+    ln = x.dtype if x.device.type in ("cuda", "meta") else acc
+    w = weight.to(ln)                   # (the bias argument's values are not read: it only needs a device)
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(dxn.to(ln), x.to(ln), [C], mean.unsqueeze(-1),
+                                                           rstd.unsqueeze(-1), w, w, [True, True, True])
+    return dx.to(x.dtype), dw.to(acc), db.to(acc)
+
+
 def row_statistics(s: torch.Tensor):
     """Softmax row statistics of logits ``s`` over the last dim, as the attention ops store them:
     (row_max, row_sum = sum exp(s - row_max), lse = row_max + log(row_sum))."""

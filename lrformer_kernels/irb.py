@@ -48,7 +48,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, cdiv, check_tensor, device_guard, launch_options,
+from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, cdiv, check_tensor, device_guard,
+                      launch_options, layer_norm_backward_reference, layer_norm_from_statistics, layer_norm_statistics,
                       needs_int64, new_empty, next_pow2, num_sms, tl_acc, use_kernel)
 from .dwconv import dwconv3x3_reference
 from .upsample_residual import branch_scale
@@ -589,25 +590,12 @@ def irb_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     return res + (h if s is None else h * s)
 
 
-def _normalized(xa, mean, rstd, norm_weight, norm_bias):
-    """The LayerNorm of xa (in the math dtype) from its row statistics (mean, 1/std)."""
-    return (xa - mean[..., None]) * rstd[..., None] * norm_weight.to(xa.dtype) + norm_bias.to(xa.dtype)
-
-
 def _input_grad_reference(du, w1, x, mean, rstd, norm_weight, dy):
     """:func:`irb_input_grad` by torch.mm and ATen's LayerNorm backward: (dx, d_norm_weight, d_norm_bias)."""
-    B, H, W, C = x.shape
-    acc = acc_dtype(x.dtype)
-    dxn = torch.mm(du, w1).reshape(B, H, W, C)
+    dxn = torch.mm(du, w1).reshape(x.shape)
     dnw = dnb = None
     if norm_weight is not None:
-        stats = (mean.unsqueeze(-1), rstd.unsqueeze(-1))
-        # CUDA (and meta: the traffic model) pairs half maps with fp32 statistics; the CPU wants one dtype
-        ln = x.dtype if x.device.type in ("cuda", "meta") else acc
-        w = norm_weight.to(ln)          # (the bias argument's values are not read: it only needs a device)
-        dx, dnw, dnb = torch.ops.aten.native_layer_norm_backward(dxn.to(ln), x.to(ln), [C], *stats, w, w,
-                                                                 [True, True, True])
-        dx, dnw, dnb = dx.to(x.dtype), dnw.to(acc), dnb.to(acc)
+        dx, dnw, dnb = layer_norm_backward_reference(dxn, x, mean, rstd, norm_weight)
     else:
         dx = dxn.to(x.dtype)
     return (dx if dy is None else dx + dy), dnw, dnb
@@ -620,9 +608,8 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     if norm_weight is not None:
-        var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
-        rstd = torch.rsqrt(var + eps)
-        xn = _normalized(xa, mean, rstd, norm_weight, norm_bias)
+        mean, rstd = layer_norm_statistics(xa, eps)
+        xn = layer_norm_from_statistics(xa, mean, rstd, norm_weight, norm_bias)
     else:
         mean, rstd = xa.new_zeros((B, H, W)), xa.new_zeros((B, H, W))
         xn = xa
@@ -735,7 +722,7 @@ def irb_fc1_weight_grad(du: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
     C, acc = x.shape[-1], acc_dtype(x.dtype)
     xn = x.to(acc)
     if norm_weight is not None:
-        xn = _normalized(xn, mean, rstd, norm_weight, norm_bias)
+        xn = layer_norm_from_statistics(xn, mean, rstd, norm_weight, norm_bias)
     xn = xn.to(du.dtype).reshape(-1, C)
     dwb = torch.mm(du.t(), torch.cat([xn, xn.new_ones((xn.shape[0], 1))], 1)).to(acc)
     return dwb[:, :C].contiguous(), dwb[:, C].contiguous()

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (cdiv, launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
-                      needs_int64, new_empty, next_pow2, num_sms, tl_acc, use_kernel)
+                      layer_norm_backward_reference, layer_norm_from_statistics, layer_norm_statistics, needs_int64,
+                      new_empty, next_pow2, num_sms, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -572,22 +573,15 @@ def _forward_reference(x: Tensor, pairs) -> Tensor:
 
 def _ln_forward_reference(x: Tensor, pairs, weight: Tensor, bias: Tensor, eps: float):
     """(pooled layer_norm(x) in x's dtype, mean, 1/std in the math dtype), the LayerNorm in the math dtype."""
-    acc = acc_dtype(x.dtype)
-    xa = x.to(acc)
-    var, mean = torch.var_mean(xa, dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    xn = (xa - mean[..., None]) * rstd[..., None] * weight.to(acc) + bias.to(acc)
+    xa = x.to(acc_dtype(x.dtype))
+    mean, rstd = layer_norm_statistics(xa, eps)
+    xn = layer_norm_from_statistics(xa, mean, rstd, weight, bias)
     return pyramid_pool_reference(xn, pairs).to(x.dtype), mean, rstd
 
 
 def _ln_backward_reference(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, pairs):
-    B, H, W, C = x.shape
-    acc = acc_dtype(x.dtype)
-    g = _backward_reference(grad.to(acc), pairs, H, W)          # d(normalised x)
-    xhat = (x.to(acc) - mean[..., None]) * rstd[..., None]
-    dxhat = g * weight.to(acc)
-    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True) - dxhat.mean(-1, keepdim=True)) * rstd[..., None]
-    return dx.to(x.dtype), (g * xhat).sum((0, 1, 2)), g.sum((0, 1, 2))
+    g = _backward_reference(grad.to(acc_dtype(x.dtype)), pairs, x.shape[1], x.shape[2])    # d(normalised x)
+    return layer_norm_backward_reference(g, x, mean, rstd, weight)
 
 
 def _backward_reference(grad: Tensor, pairs, H: int, W: int) -> Tensor:

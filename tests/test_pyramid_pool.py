@@ -251,11 +251,13 @@ def test_split_pyramid(device):
 
 
 def test_reference_mode(monkeypatch):
-    """Off-GPU without the interpreter the op runs the PyTorch reference (forward and backward)."""
+    """Off-GPU without the interpreter the ops run the PyTorch reference (forward and backward), the
+    LayerNorm'd one included."""
     monkeypatch.setattr(pp, "use_kernel", lambda *t: False)
     grids = F.lrsa_grids(5, 7)
     x = make_input(2, 5, 7, 6, "nchw", torch.float64, "cpu").detach().requires_grad_()
     check_fwd_bwd_float64(x, grids)
+    _check_layer_norm(2, 5, 7, 6, "lrsa", "nchw", "cpu", torch.float64)     # the LayerNorm'd op's reference too
 
 
 @pytest.mark.parametrize("mode", ["reference", "kernel"])

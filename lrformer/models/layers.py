@@ -33,6 +33,11 @@ def is_batch_norm(m) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
+def affine_layer_norm(m) -> bool:
+    """A LayerNorm with weight and bias (one the fused ops can take inside)."""
+    return isinstance(m, nn.LayerNorm) and m.weight is not None
+
+
 def batch_norm_bhwc(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a BatchNorm2d / SyncBatchNorm to a tokens-last map."""
     return bhwc(bn(nchw(x)))
@@ -180,13 +185,13 @@ class Block(Fusable, nn.Module):
         if self.pre_norm is not None:
             x = batch_norm_bhwc(self.pre_norm, x)
         x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
-        if isinstance(self.norm1, nn.LayerNorm) and self.norm1.weight is not None:   # norm1 inside the pooling
+        if affine_layer_norm(self.norm1):                                            # norm1 inside the pooling
             low = self.attn.forward_low(x, d_convs, in_norm=self.norm1)
         else:
             low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
         x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
         keep = self.drop_path.keep(x)
-        if isinstance(self.norm2, nn.LayerNorm) and self.norm2.weight is not None:   # norm2 inside the op
+        if affine_layer_norm(self.norm2):                                            # norm2 inside the op
             return self.ops.irb(x, *self.mlp.parameters_2d(), self.layer_scale_2, keep, self.norm2.weight,
                                 self.norm2.bias, self.norm2.eps)
         return self.ops.irb(self.norm(self.norm2, x), *self.mlp.parameters_2d(), self.layer_scale_2, keep,
