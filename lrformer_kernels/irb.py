@@ -20,7 +20,7 @@ Design (two kernels forward; the hidden map written once and read once)
   is computed on the fly, ``BLOCK_K`` hidden channels at a time: the 9 taps of ``u`` (shifted masked
   loads, L1/L2 hits, GELU per tap, as ``dwconv3x3``) + the depthwise weights, residual and bias; the
   epilogue adds b2, scales by ``scale[c] * keep[b]`` and adds the shortcut: only the block output is
-  written (plus the fc2 output when the layer scale needs its gradient).  With C wider than a tile the
+  written (the layer scale's gradient comes from fc2's weight gradient, below).  With C wider than a tile the
   A tile is recomputed per output tile (depthwise FLOPs only, counted in the FLOPs model).
 * Backward (:func:`_backward_impl`): dv = dy * scale[c] * keep[b] is formed by the kernels that read it as
   they load dy (never stored).  dx by ``_irb_dx_kernel`` (maps up to ``DX_MAX_C`` wide; wider ones: torch.mm
@@ -28,15 +28,19 @@ Design (two kernels forward; the hidden map written once and read once)
   block residual's dy in its epilogue (dxn never stored); fc1's weight and bias
   gradients du^T [xn | 1] as ``_irb_dw1_kernel`` (xn recomputed from x and the saved statistics, never
   stored); fc2's weight and bias gradients dv^T [a | 1] as ``_irb_dw2_kernel`` (a recomputed from u's taps,
-  never stored); and ``_irb_dgrad_kernel`` from dv to du: per tile of the map with a one-pixel halo it computes
-  da = dv w2 (a GEMM over C, the halo recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to
-  the program's own scratch tile (L1/L2; a register tile cannot be shifted across pixels in Triton
-  3.6-3.9, and ``tl.gather`` spills) and reads it back shifted for the transposed depthwise conv, times
-  gelu'(u), plus the depthwise weight and bias partials: da never goes to DRAM.  Deterministic (fixed-order
-  partial sums).  Five passes over the hidden map remain (u
-  read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one pass fewer)
-  spilled at every tile size tried (the kernel sits at 170-245 registers); keeping du out of DRAM too
-  needs dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
+  never stored; dv without the layer scale, G, which scales the finished gradient, and the layer scale's
+  gradient is ``sum_k w2[c, k] G[c, k] + b2[c] g[c]``: the fc2 output is never stored); the weight gradients'
+  split-M partials summed in a fixed order and written in the parameters' dtype by ``_weight_grad_sum_kernel``,
+  or, where partials would cost a sizeable share of the GEMM's own traffic (weights as large as the map: the
+  last stages), one split whose programs write the gradient directly; and ``_irb_dgrad_kernel`` from dv
+  to du: per tile of the map with a one-pixel halo it computes da = dv w2 (a GEMM over C, the halo
+  recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to the program's own scratch tile (L1/L2;
+  a register tile cannot be shifted across pixels in Triton 3.6-3.9, and ``tl.gather`` spills) and reads it
+  back shifted for the transposed depthwise conv, times gelu'(u), plus the depthwise weight and bias
+  partials: da never goes to DRAM.  Deterministic (fixed-order partial sums).  Five passes over the hidden
+  map remain (u read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one
+  pass fewer) spilled at every tile size tried (the kernel sits at 170-245 registers); keeping du out of DRAM
+  too needs dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
@@ -145,9 +149,8 @@ if HAS_TRITON:
         tl.store(u_ptr + rm[:, None] * HD + rn[None, :], acc.to(DT), mask=mmask[:, None] & nmask[None, :])
 
     @triton.jit
-    def _irb_fc2_kernel(u_ptr, wc_ptr, bc_ptr, w_ptr, b_ptr, scale_ptr, keep_ptr, res_ptr, out_ptr, v_ptr,
-                        M, H, W, HD, C,
-                        HAS_SCALE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_V: tl.constexpr,
+    def _irb_fc2_kernel(u_ptr, wc_ptr, bc_ptr, w_ptr, b_ptr, scale_ptr, keep_ptr, res_ptr, out_ptr,
+                        M, H, W, HD, C, HAS_SCALE: tl.constexpr, HAS_KEEP: tl.constexpr,
                         INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)        # output tiles fastest: they share the u tile (from L2)
@@ -172,8 +175,6 @@ if HAS_TRITON:
         acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
         m2 = pmask[:, None] & nmask[None, :]
         offs = idx[:, None] * C + rn[None, :]
-        if STORE_V:
-            tl.store(v_ptr + offs, acc.to(v_ptr.dtype.element_ty), mask=m2)
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + rn, mask=nmask, other=0.0).to(ACC)[None, :]
         if HAS_KEEP:
@@ -183,13 +184,50 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _irb_dw2_kernel(dy_ptr, s_ptr, u_ptr, wc_ptr, bc_ptr, part_ptr, partb_ptr, M, H, W, HD, C, iters,
-                        HAS_S: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    def _weight_grad_store(acc, rn, cs, nmask, cmask, out_ptr, rs_ptr, w_ptr, dot_ptr, col_tile, N, K,
+                           HAS_RS: tl.constexpr, HAS_DOT: tl.constexpr, ACC: tl.constexpr):
+        """Write a finished (rows ``rn`` x columns ``cs``) tile of an (N, K) weight gradient in the output's dtype:
+        with ``HAS_RS`` its rows scaled by ``rs[n]`` (the layer scale), with ``HAS_DOT`` first the row dots
+        ``sum_k w[n, k] * acc[n, k]`` of the unscaled tile stored as column tile ``col_tile``'s partial (the layer
+        scale's gradient, summed over the column tiles afterwards in a fixed order)."""
+        m2 = nmask[:, None] & cmask[None, :]
+        offs = rn[:, None] * K + cs[None, :]
+        if HAS_DOT:
+            w = tl.load(w_ptr + offs, mask=m2, other=0.0).to(ACC)
+            tl.store(dot_ptr + col_tile * N + rn, tl.sum(acc * w, axis=1), mask=nmask)
+        if HAS_RS:
+            acc = acc * tl.load(rs_ptr + rn, mask=nmask, other=0.0).to(ACC)[:, None]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _weight_grad_sum_kernel(part_ptr, out_ptr, rs_ptr, w_ptr, dot_ptr, splits, N, K,
+                                HAS_RS: tl.constexpr, HAS_DOT: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The split-M partials (splits, N, K) of a weight gradient summed in a fixed order (deterministic) and
+        written once in the output's dtype by :func:`_weight_grad_store`."""
+        cs = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        cmask = cs < K
+        ptrs = part_ptr + rn[:, None] * K + cs[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+        for _ in range(0, splits):
+            acc += tl.load(ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+            ptrs += N * K
+        _weight_grad_store(acc, rn, cs, nmask, cmask, out_ptr, rs_ptr, w_ptr, dot_ptr, tl.program_id(0), N, K,
+                           HAS_RS, HAS_DOT, ACC)
+
+    @triton.jit
+    def _irb_dw2_kernel(dy_ptr, s_ptr, u_ptr, wc_ptr, bc_ptr, part_ptr, partb_ptr, rs_ptr, w_ptr, dot_ptr,
+                        M, H, W, HD, C, iters, HAS_S: tl.constexpr, FINAL: tl.constexpr, HAS_RS: tl.constexpr,
+                        HAS_DOT: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """fc2's weight and bias gradients dv^T [a | 1], dv = dy * s[b, c] formed as dy is loaded (never stored),
-        a recomputed from u (never stored): a program owns a (BLOCK_N output channels x BLOCK_K hidden channels)
-        tile and ``iters`` pixel chunks; it writes one fp32 partial tile (and, for the first hidden tile, the
-        partial column sums of dv: d_b2), summed over the programs afterwards in a fixed order."""
+        """fc2's weight and bias gradients before the layer scale, G = dv^T [a | 1], dv = dy * s[b, c] formed as dy
+        is loaded (never stored), a recomputed from u (never stored): a program owns a (BLOCK_N output channels x
+        BLOCK_K hidden channels) tile and ``iters`` pixel chunks; it writes one fp32 partial tile (and, for the first
+        hidden tile, the partial column sums of dv), summed over the programs afterwards in a fixed order; with
+        ``FINAL`` (one split: the tile is the whole gradient) it writes the gradient itself by
+        :func:`_weight_grad_store` (the layer scale applied, its gradient's row dots)."""
         cs, rn, start = _split_m_program(BLOCK_K, BLOCK_N, BLOCK_M, iters, INT64)
         cmask = cs < HD
         nmask = rn < C
@@ -209,19 +247,24 @@ if HAS_TRITON:
             acc += tl.dot(dvt, a.to(DT), input_precision=DOT_PREC).to(ACC)
             if first:                       # d_b2: summed by the first hidden tile's programs only
                 accb += tl.sum(dvt.to(ACC), axis=1)
-        tl.store(part_ptr + tl.program_id(2) * C * HD + rn[:, None] * HD + cs[None, :], acc,
-                 mask=nmask[:, None] & cmask[None, :])
+        if FINAL:
+            _weight_grad_store(acc, rn, cs, nmask, cmask, part_ptr, rs_ptr, w_ptr, dot_ptr, tl.program_id(0), C, HD,
+                               HAS_RS, HAS_DOT, ACC)
+        else:
+            tl.store(part_ptr + tl.program_id(2) * C * HD + rn[:, None] * HD + cs[None, :], acc,
+                     mask=nmask[:, None] & cmask[None, :])
         if first:
             tl.store(partb_ptr + tl.program_id(2) * C + rn, accb, mask=nmask)
 
     @triton.jit
     def _irb_dw1_kernel(du_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, part_ptr, partb_ptr, M, C, HD, iters,
-                        LAYER_NORM: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+                        LAYER_NORM: tl.constexpr, FINAL: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """fc1's weight and bias gradients du^T [xn | 1], xn = layer_norm(x) recomputed from the saved row
         statistics (never stored): a program owns a (BLOCK_N hidden x BLOCK_K input channels) tile and
         ``iters`` pixel chunks; it writes one fp32 partial tile (and, for the first channel tile, the
-        partial column sums of du: d_b1), summed over the programs afterwards in a fixed order."""
+        partial column sums of du: d_b1), summed over the programs afterwards in a fixed order; with ``FINAL`` (one
+        split) the gradient itself, in its dtype."""
         # input-channel tiles fastest: they read the same du chunk (from L2)
         rk, rn, start = _split_m_program(BLOCK_K, BLOCK_N, BLOCK_M, iters, INT64)
         pid_s = tl.program_id(2)
@@ -247,7 +290,12 @@ if HAS_TRITON:
             acc += tl.dot(dut.to(DT), xk.to(DT), input_precision=DOT_PREC).to(ACC)
             if first:                       # d_b1: summed by the first channel tile's programs only
                 accb += tl.sum(dut.to(ACC), axis=1)
-        tl.store(part_ptr + pid_s * HD * C + rn[:, None] * C + rk[None, :], acc, mask=nmask[:, None] & kmask[None, :])
+        if FINAL:
+            _weight_grad_store(acc, rn, rk, nmask, kmask, part_ptr, part_ptr, part_ptr, part_ptr, 0, HD, C,
+                               False, False, ACC)
+        else:
+            tl.store(part_ptr + pid_s * HD * C + rn[:, None] * C + rk[None, :], acc,
+                     mask=nmask[:, None] & kmask[None, :])
         if first:
             tl.store(partb_ptr + pid_s * HD + rn, accb, mask=nmask)
 
@@ -383,9 +431,15 @@ if HAS_TRITON:
 #: GELU'd taps per element) in registers and spills with 64-row tiles in bf16; these use <= 230 registers.
 GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 128, 16, 8, 1),
               "dw1": (32, 32, 64, 4, 1)}
-#: fc2's weight gradient: about this many programs per SM in all (each walks ``iters`` pixel chunks and
-#: writes one fp32 partial tile; partials = programs * BLOCK_N * BLOCK_K * 4 bytes, ~4 MB on an H100)
+#: the split-M weight gradients: about this many programs per SM in all (each walks ``iters`` pixel chunks and
+#: writes one fp32 partial tile) ...
 PROGRAMS_PER_SM = 8
+#: ... while the partials' traffic (fp32, written and read: 8 n k bytes a split) stays within this share of the
+#: GEMM operands' (M (n + k) 16-bit elements): a weight as large as the map it is reduced over (the last stages)
+#: gets one split, whose programs write the gradient itself, in its dtype
+SPLIT_TRAFFIC_SHARE = 0.25
+#: the fixed-order sum of the partials (and the cast to the gradient's dtype): (BLOCK_N, BLOCK_K, warps)
+SUM_CONFIG = (32, 64, 4)
 
 
 def _config(kind: str, m: int, n: int, k: int):
@@ -401,11 +455,13 @@ def _config(kind: str, m: int, n: int, k: int):
 
 def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, iters, splits) of a split-M weight-gradient kernel ("dw2": n = C, k = HD;
-    "dw1": n = HD, k = C): about ``PROGRAMS_PER_SM`` programs per SM in all, each walking ``iters`` pixel chunks."""
+    "dw1": n = HD, k = C): about ``PROGRAMS_PER_SM`` programs per SM in all, each walking ``iters`` pixel chunks,
+    as long as the partials' traffic stays within ``SPLIT_TRAFFIC_SHARE`` of the operands'."""
     bm, bn, bk, warps, _ = _config(kind, M, n, k)
     tiles = cdiv(n, bn) * cdiv(k, bk)
     chunks = cdiv(M, bm)
-    iters = cdiv(chunks, max(1, PROGRAMS_PER_SM * num_sms(device) // tiles))
+    by_traffic = int(SPLIT_TRAFFIC_SHARE * M * (n + k) * 2) // (8 * n * k)
+    iters = cdiv(chunks, max(1, min(PROGRAMS_PER_SM * num_sms(device) // tiles, by_traffic)))
     return bm, bn, bk, warps, iters, cdiv(chunks, iters)
 
 
@@ -462,8 +518,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------------------------
-def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
-                    store_v):
+def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype):
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
@@ -473,7 +528,6 @@ def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bi
     u = new_empty((B, H, W, HD), hidden_dtype, x.device)
     mean, rstd = (new_empty((B, H, W), acc, x.device) for _ in range(2))
     out = new_empty((B, H, W, C), x.dtype, x.device)
-    v = new_empty((B, H, W, C), x.dtype, x.device) if store_v else out
     ln = norm_weight is not None
     int64 = needs_int64(x2, u, res)
     bm, bn, bk, warps, stages = _config("fc1", M, HD, C)
@@ -485,44 +539,72 @@ def _forward_triton(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bi
         w9 = wc.reshape(HD, 9).t().contiguous()
         bm, bn, bk, warps, stages = _config("fc2", M, C, HD)
         _irb_fc2_kernel[(cdiv(C, bn), cdiv(M, bm))](
-            u, w9, bc, w2, b2, scale if scale is not None else b2, keep if keep is not None else b2, res, out, v,
-            M, H, W, HD, C, HAS_SCALE=scale is not None, HAS_KEEP=keep is not None, STORE_V=store_v,
+            u, w9, bc, w2, b2, scale if scale is not None else b2, keep if keep is not None else b2, res, out,
+            M, H, W, HD, C, HAS_SCALE=scale is not None, HAS_KEEP=keep is not None,
             INT64=int64, ACC=tl_acc(x.dtype), DOT_PREC=_dot_precision(hidden_dtype),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **launch_options())
-    return out, u, mean, rstd, (v if store_v else x.new_empty((0,)))
+    return out, u, mean, rstd
 
 
-def _fc2_weight_grad_triton(dy, u, wc, bc, s):
+def _weight_grad_sum(part, grad_dtype, rs=None, w=None):
+    """(gradient (n, k) in ``grad_dtype``, the row dots' partials (column tiles, n) with ``w``, else None) from the
+    split-M partials (splits, n, k): their fixed-order sum by ``_weight_grad_sum_kernel``."""
+    splits, n, k = part.shape
+    bn, bk, warps = SUM_CONFIG
+    if big_interpreter_tiles():
+        bn, bk = 128, 256
+    bn, bk = max(16, min(bn, next_pow2(n))), max(16, min(bk, next_pow2(k)))
+    out = new_empty((n, k), grad_dtype, part.device)
+    dot = new_empty((cdiv(k, bk), n), part.dtype, part.device) if w is not None else None
+    with device_guard(part):
+        _weight_grad_sum_kernel[(cdiv(k, bk), cdiv(n, bn))](
+            part, out, rs if rs is not None else part, w if w is not None else part, dot if w is not None else part,
+            splits, n, k, HAS_RS=rs is not None, HAS_DOT=w is not None, ACC=tl_acc(part.dtype), BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=warps, **launch_options())
+    return out, dot
+
+
+def _fc2_weight_grad_triton(dy, u, wc, bc, s, scale, w2, grad_dtype):
     B, H, W, HD = u.shape
     C = dy.shape[-1]
     M = B * H * W
     bm, bn, bk, warps, iters, splits = _split_m_config("dw2", M, C, HD, u.device)
     acc = acc_dtype(u.dtype)
-    part = new_empty((splits, C, HD), acc, u.device)
+    final = splits == 1                     # the programs write the gradient itself
+    part = new_empty((C, HD) if final else (splits, C, HD), grad_dtype if final else acc, u.device)
     partb = new_empty((splits, C), acc, u.device)
+    dot = new_empty((cdiv(HD, bk), C), acc, u.device) if final and w2 is not None else None
     w9 = wc.reshape(HD, 9).t().contiguous()
     with device_guard(u):
         _irb_dw2_kernel[(cdiv(HD, bk), cdiv(C, bn), splits)](
-            dy, s if s is not None else dy, u, w9, bc, part, partb, M, H, W, HD, C, iters, HAS_S=s is not None,
+            dy, s if s is not None else dy, u, w9, bc, part, partb, scale if scale is not None else partb,
+            w2 if w2 is not None else part, dot if dot is not None else partb, M, H, W, HD, C, iters,
+            HAS_S=s is not None, FINAL=final, HAS_RS=final and scale is not None, HAS_DOT=dot is not None,
             INT64=needs_int64(dy, u, part), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype), BLOCK_M=bm,
             BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
-    return part.sum(0), partb.sum(0)       # fixed-order reductions over the programs: deterministic
+    if not final:
+        part, dot = _weight_grad_sum(part, grad_dtype, scale, w2)
+    return part, partb.sum(0), dot          # fixed-order sums: deterministic
 
 
-def _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias):
+def _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias, grad_dtype):
     M, HD = du.shape
     C = x.shape[-1]
     bm, bn, bk, warps, iters, splits = _split_m_config("dw1", M, HD, C, du.device)
     acc = acc_dtype(x.dtype)
-    part = new_empty((splits, HD, C), acc, du.device)
+    final = splits == 1                     # the programs write the gradient itself
+    part = new_empty((HD, C) if final else (splits, HD, C), grad_dtype if final else acc, du.device)
     partb = new_empty((splits, HD), acc, du.device)
     ln = norm_weight is not None
     with device_guard(du):
         _irb_dw1_kernel[(cdiv(C, bk), cdiv(HD, bn), splits)](
             du, x, mean, rstd, norm_weight if ln else mean, norm_bias if ln else mean, part, partb, M, C, HD, iters,
-            LAYER_NORM=ln, INT64=needs_int64(du, x, part), ACC=tl_acc(x.dtype), DOT_PREC=_dot_precision(du.dtype),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
-    return part.sum(0), partb.sum(0)       # fixed-order reductions over the programs: deterministic
+            LAYER_NORM=ln, FINAL=final, INT64=needs_int64(du, x, part), ACC=tl_acc(x.dtype),
+            DOT_PREC=_dot_precision(du.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1,
+            **launch_options())
+    if not final:
+        part = _weight_grad_sum(part, grad_dtype)[0]
+    return part, partb.sum(0)               # fixed-order sums: deterministic
 
 
 def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
@@ -601,9 +683,8 @@ def _input_grad_reference(du, w1, x, mean, rstd, norm_weight, dy):
     return (dx if dy is None else dx + dy), dnw, dnb
 
 
-def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype,
-                       store_v):
-    """The op's outputs (out, u, mean, rstd, v) by PyTorch (CPU without the interpreter)."""
+def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype):
+    """The op's outputs (out, u, mean, rstd) by PyTorch (CPU without the interpreter)."""
     B, H, W, C = x.shape
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
@@ -619,14 +700,15 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
     s = branch_scale(None if scale is None else scale.to(acc), None if keep is None else keep.to(acc), B, C, v)
     res = (x if shortcut is None else shortcut).to(acc)
     out = (res + (v if s is None else v * s)).to(x.dtype)
-    return out, u, mean, rstd, (v.to(x.dtype) if store_v else x.new_empty((0,)))
+    return out, u, mean, rstd
 
 
-def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
+def _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                    has_shortcut: bool, need_scale: bool):
     """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias) (the shortcut's gradient is dy
     itself, returned by the autograd function without a copy; without a shortcut dx includes it).  fc2's weight
-    and bias gradients (:func:`irb_fc2_weight_grad`: its input recomputed from u, never stored), the backward
+    and bias gradients and the layer scale's (:func:`irb_fc2_weight_grad`: its input recomputed from u, the fc2
+    output never stored), the weight gradients written in the parameters' dtype by their kernels, the backward
     through the depthwise conv (:func:`irb_dgrad`: da never stored), the normalised input recomputed from x and the saved
     statistics inside fc1's weight-gradient kernel, the LayerNorm backward and the residual's dy in the epilogue
     of the input-gradient GEMM (:func:`irb_input_grad`)."""
@@ -634,20 +716,19 @@ def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep,
     HD = w1.shape[0]
     M = B * H * W
     hd, acc = u.dtype, acc_dtype(x.dtype)
-    # dv = dy * scale[c] * keep[b] is formed inside the kernels as they load dy (never stored): s as (B, C)
-    s = branch_scale(scale, keep, B, C, torch.empty((), dtype=acc))
-    s = None if s is None else s.expand(B, 1, 1, C).reshape(B, C).contiguous()
+    # dv = dy * scale[c] * keep[b] is formed inside the kernels as they load dy (never stored): s as (B, C);
+    # fc2's weight gradient takes dy * keep[b] (its layer scale applied to the finished gradient)
+    def per_sample(scale):
+        s = branch_scale(scale, keep, B, C, torch.empty((), dtype=acc))
+        return None if s is None else s.expand(B, 1, 1, C).reshape(B, C).contiguous()
     dy2 = dy.contiguous().reshape(M, C)
-    dscale = None
-    if need_scale:
-        dvs = (dy * v).sum((1, 2), dtype=acc)            # (B, C): the drop-path factor applied per sample after
-        dscale = (dvs if keep is None else dvs * keep.to(acc)[:, None]).sum(0).to(scale.dtype)
-    dw2, db2 = torch.ops.lrformer.irb_fc2_weight_grad(dy2, u, wc, bc, s)
-    dw2, db2 = dw2.to(w2.dtype), db2.to(b2.dtype)
-    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dy2, u, w2.to(hd), wc, bc, s)
+    dw2, db2, dscale = torch.ops.lrformer.irb_fc2_weight_grad(
+        dy2, u, wc, bc, per_sample(None), scale, w2 if need_scale else None, b2 if need_scale else None, w2.dtype)
+    db2, dscale = db2.to(b2.dtype), (dscale.to(scale.dtype) if need_scale else None)
+    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dy2, u, w2.to(hd), wc, bc, per_sample(scale))
     du = du.reshape(M, HD)
-    dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du, x, mean, rstd, norm_weight, norm_bias)
-    dw1, db1 = dw1.to(w1.dtype), db1.to(b1.dtype)
+    dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du, x, mean, rstd, norm_weight, norm_bias, w1.dtype)
+    db1 = db1.to(b1.dtype)
     dx, dnw, dnb = torch.ops.lrformer.irb_input_grad(du, w1.to(hd), x, mean, rstd, norm_weight,
                                                     None if has_shortcut else dy2.reshape(x.shape))
     if norm_weight is None:
@@ -664,20 +745,19 @@ def _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep,
 def _irb_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
             w2: torch.Tensor, b2: torch.Tensor, scale: Optional[torch.Tensor], keep: Optional[torch.Tensor],
             norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], eps: float,
-            shortcut: Optional[torch.Tensor], hidden_dtype: torch.dtype,
-            store_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, u = fc1 output (B, H, W, HD), LayerNorm mean and 1/std (B, H, W), fc2 output v or empty)."""
+            shortcut: Optional[torch.Tensor],
+            hidden_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, u = fc1 output (B, H, W, HD), LayerNorm mean and 1/std (B, H, W))."""
     fn = _forward_triton if use_kernel(x) else _forward_reference
-    return fn(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v)
+    return fn(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype)
 
 
 @_irb_op.register_fake
-def _(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype, store_v):
+def _(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, eps, shortcut, hidden_dtype):
     B, H, W, C = x.shape
     acc = acc_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty((B, H, W, w1.shape[0]), dtype=hidden_dtype),
-            x.new_empty((B, H, W), dtype=acc), x.new_empty((B, H, W), dtype=acc),
-            x.new_empty(x.shape if store_v else (0,)))
+            x.new_empty((B, H, W), dtype=acc), x.new_empty((B, H, W), dtype=acc))
 
 
 def _scaled(dy: torch.Tensor, s: Optional[torch.Tensor], hidden: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -691,47 +771,61 @@ def _scaled(dy: torch.Tensor, s: Optional[torch.Tensor], hidden: torch.Size, dty
 
 @torch.library.custom_op("lrformer::irb_fc2_weight_grad", mutates_args=())
 def irb_fc2_weight_grad(dy: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
-                        s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc2's (weight (C, HD), bias (C,)) gradients in the math dtype, ``dv^T a`` and ``dv^T 1``, with
-    ``dv = dy * s[b, c]`` (dy (M, C), s (B, C) the layer scale times the drop-path factor, or None) formed as dy
-    is loaded and ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, recomputed from the stored pre-activation
-    ``u`` (B, H, W, HD): neither is stored."""
+                        s: Optional[torch.Tensor], scale: Optional[torch.Tensor], w2: Optional[torch.Tensor],
+                        b2: Optional[torch.Tensor],
+                        grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fc2's weight gradient (C, HD) in ``grad_dtype``, its bias gradient (C,) and, given w2 and b2, the layer
+    scale's gradient (C,) (else empty), both in the math dtype.  With ``G = dv^T a``, ``g = dv^T 1``,
+    ``dv = dy * s[b, c]`` (dy (M, C), s (B, C) the drop-path factor, or None) formed as dy is loaded and
+    ``a = g + dwconv3x3(g) + bc``, ``g = gelu(u)``, recomputed from the stored pre-activation u (B, H, W, HD):
+    ``dw2 = scale[c] G``, ``db2 = scale[c] g`` (scale (C,) the layer scale, or None: 1) and
+    ``dscale[c] = sum_k w2[c, k] G[c, k] + b2[c] g[c]`` (the fc2 output's product with dy * s, that output never
+    stored).  Neither dv nor a is stored."""
     if use_kernel(u):
-        return _fc2_weight_grad_triton(dy, u, wc, bc, s)
-    acc = acc_dtype(u.dtype)
-    dv = _scaled(dy, s, u.shape, u.dtype)
-    a = dwconv3x3_reference(u.to(acc), wc.to(acc), bc.to(acc), gelu=True, residual=True)
-    return torch.mm(dv.t(), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc), dv.sum(0, dtype=acc)
+        dw2, g, dots = _fc2_weight_grad_triton(dy, u, wc, bc, s, scale, w2, grad_dtype)
+    else:
+        acc = acc_dtype(u.dtype)
+        dv = _scaled(dy, s, u.shape, u.dtype)
+        a = dwconv3x3_reference(u.to(acc), wc.to(acc), bc.to(acc), gelu=True, residual=True)
+        G, g = torch.mm(dv.t(), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc), dv.sum(0, dtype=acc)
+        dots = None if w2 is None else (G * w2.to(acc)).sum(1)[None]
+        dw2 = (G if scale is None else G * scale.to(acc)[:, None]).to(grad_dtype)
+    db2 = g if scale is None else g * scale.to(g.dtype)
+    dscale = g.new_empty((0,)) if w2 is None else dots.sum(0) + g * (b2.to(g.dtype) if b2 is not None else 0)
+    return dw2, db2, dscale
 
 
 @irb_fc2_weight_grad.register_fake
-def _(dy, u, wc, bc, s):
+def _(dy, u, wc, bc, s, scale, w2, b2, grad_dtype):
     acc = acc_dtype(u.dtype)
-    return u.new_empty((dy.shape[-1], u.shape[-1]), dtype=acc), u.new_empty((dy.shape[-1],), dtype=acc)
+    C = dy.shape[-1]
+    return (u.new_empty((C, u.shape[-1]), dtype=grad_dtype), u.new_empty((C,), dtype=acc),
+            u.new_empty((C if w2 is not None else 0,), dtype=acc))
 
 
 @torch.library.custom_op("lrformer::irb_fc1_weight_grad", mutates_args=())
 def irb_fc1_weight_grad(du: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                         norm_weight: Optional[torch.Tensor],
-                        norm_bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc1's (weight (HD, C), bias (HD,)) gradients in the math dtype: ``du^T xn`` and ``du^T 1``, du (M, HD) in
-    the hidden dtype, ``xn = (x - mean) * rstd * norm_weight + norm_bias`` from x (B, H, W, C) and the
-    forward's row statistics (B, H, W) (x itself without norm parameters).  The kernel never stores xn."""
+                        norm_bias: Optional[torch.Tensor],
+                        grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's weight gradient ``du^T xn`` (HD, C) in ``grad_dtype`` and bias gradient ``du^T 1`` (HD,) in the math
+    dtype, du (M, HD) in the hidden dtype, ``xn = (x - mean) * rstd * norm_weight + norm_bias`` from x (B, H, W, C)
+    and the forward's row statistics (B, H, W) (x itself without norm parameters).  The kernel never stores xn."""
     if use_kernel(du):
-        return _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias)
+        return _fc1_weight_grad_triton(du, x, mean, rstd, norm_weight, norm_bias, grad_dtype)
     C, acc = x.shape[-1], acc_dtype(x.dtype)
     xn = x.to(acc)
     if norm_weight is not None:
         xn = layer_norm_from_statistics(xn, mean, rstd, norm_weight, norm_bias)
     xn = xn.to(du.dtype).reshape(-1, C)
     dwb = torch.mm(du.t(), torch.cat([xn, xn.new_ones((xn.shape[0], 1))], 1)).to(acc)
-    return dwb[:, :C].contiguous(), dwb[:, C].contiguous()
+    return dwb[:, :C].to(grad_dtype), dwb[:, C].contiguous()
 
 
 @irb_fc1_weight_grad.register_fake
-def _(du, x, mean, rstd, norm_weight, norm_bias):
+def _(du, x, mean, rstd, norm_weight, norm_bias, grad_dtype):
     acc = acc_dtype(x.dtype)
-    return du.new_empty((du.shape[1], x.shape[-1]), dtype=acc), du.new_empty((du.shape[1],), dtype=acc)
+    return du.new_empty((du.shape[1], x.shape[-1]), dtype=grad_dtype), du.new_empty((du.shape[1],), dtype=acc)
 
 
 @torch.library.custom_op("lrformer::irb_dgrad", mutates_args=())
@@ -782,18 +876,18 @@ def _(du, w1, x, mean, rstd, norm_weight, dy):
 
 @torch.library.custom_op("lrformer::irb_backward", mutates_args=())
 def _irb_backward_op(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     v: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
+                     w1: torch.Tensor, b1: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor,
                      w2: torch.Tensor, b2: torch.Tensor, scale: Optional[torch.Tensor], keep: Optional[torch.Tensor],
                      norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
                      has_shortcut: bool, need_scale: bool) -> list[torch.Tensor]:
     """The gradients of :func:`_backward_impl`; one that does not exist is an empty (0,) tensor."""
-    grads = _backward_impl(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
+    grads = _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                            has_shortcut, need_scale)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
 
 @_irb_backward_op.register_fake
-def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, has_shortcut,
+def _(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, has_shortcut,
       need_scale):
     def like(t, on=True):
         return t.new_empty(t.shape) if (t is not None and on) else x.new_empty((0,))
@@ -802,25 +896,25 @@ def _(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight,
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, _eps, shortcut, hidden_dtype, store_v = inputs
-    _, u, mean, rstd, v = output
-    ctx.save_for_backward(x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias)
-    ctx.mark_non_differentiable(u, mean, rstd, v)
+    x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, _eps, shortcut, hidden_dtype = inputs
+    _, u, mean, rstd = output
+    ctx.save_for_backward(x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias)
+    ctx.mark_non_differentiable(u, mean, rstd)
     ctx.set_materialize_grads(False)       # no zero-filled gradients for the non-differentiable outputs
     ctx.has_shortcut = shortcut is not None
-    ctx.need_scale = store_v
 
 
-def _backward(ctx, dy, _du, _dmean, _drstd, _dv):
-    x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias = ctx.saved_tensors
+def _backward(ctx, dy, _du, _dmean, _drstd):
+    x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias = ctx.saved_tensors
     if dy is None:                          # only the non-differentiable outputs were used
-        return (None,) * 15
-    g = _irb_backward_op(dy, x, u, mean, rstd, v, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
-                         ctx.has_shortcut, ctx.need_scale)
+        return (None,) * 14
+    need_scale = scale is not None and ctx.needs_input_grad[7]
+    g = _irb_backward_op(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
+                         ctx.has_shortcut, need_scale)
     dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnw, dnb = g
-    return (dx, dw1, db1, dwc, dbc, dw2, db2, dscale if ctx.need_scale else None, None,
+    return (dx, dw1, db1, dwc, dbc, dw2, db2, dscale if need_scale else None, None,
             dnw if norm_weight is not None else None, dnb if norm_weight is not None else None, None,
-            dy if ctx.has_shortcut else None, None, None)
+            dy if ctx.has_shortcut else None, None)
 
 
 _irb_op.register_autograd(_backward, setup_context=_setup_context)
@@ -873,6 +967,5 @@ def irb(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], wc: torch
         if shortcut.shape != x.shape:
             raise ValueError(f"shortcut must have x's shape {tuple(x.shape)}, got {tuple(shortcut.shape)}")
     b1, bc, b2 = (b if b is not None else w1.new_zeros(n) for b, n in ((b1, HD), (bc, HD), (b2, C)))  # no bias: 0
-    store_v = scale is not None and scale.requires_grad and torch.is_grad_enabled()
     return _irb_op(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias, float(eps), shortcut,
-                   _hidden_dtype(x), store_v)[0]
+                   _hidden_dtype(x))[0]

@@ -64,16 +64,19 @@ def _lrsa_stage(B, h, w, C, heads, q_size, kv_sizes, hidden, dt, scale_on, poole
     ls = meta(C, dtype=torch.float32) if scale_on else None
     for ln in ((meta(C, dtype=dt), meta(C, dtype=dt)), (None, None)):
         for keep in (None, meta(B, dtype=torch.float32)):
-            irb._forward_triton(x, w1, b1, wd, bd, w2, b2, ls, keep, *ln, 1e-6, None if ln[0] is not None else x, dt,
-                                scale_on)
+            irb._forward_triton(x, w1, b1, wd, bd, w2, b2, ls, keep, *ln, 1e-6, None if ln[0] is not None else x, dt)
     dv, u = meta(B * h * w, C, dtype=dt), meta(B, h, w, hidden, dtype=dt)
+    # the weight gradients in the parameters' dtype: the maps' or, under autocast, fp32 parameters'
+    pdts = (dt,) if dt in (torch.float32, torch.float64) else (dt, torch.float32)
     for s in (None, meta(B, C, dtype=torch.float32 if dt != torch.float64 else dt)):   # layer scale x drop path
-        irb._fc2_weight_grad_triton(dv, u, wd, bd, s)
         irb._dgrad_triton(dv, u, w2, wd, s)
+        for pdt in pdts:                 # fc2's: the layer scale and its gradient (row dots with w2) too
+            irb._fc2_weight_grad_triton(dv, u, wd, bd, s, ls, meta(C, hidden, dtype=pdt) if scale_on else None, pdt)
     stat = meta(B, h, w, dtype=torch.float32 if dt != torch.float64 else dt)
     for ln in ((meta(C, dtype=dt), meta(C, dtype=dt)), (None, None)):
         du = meta(B * h * w, hidden, dtype=dt)
-        irb._fc1_weight_grad_triton(du, x, stat, stat, *ln)
+        for pdt in pdts:
+            irb._fc1_weight_grad_triton(du, x, stat, stat, *ln, pdt)
         if C <= irb.DX_MAX_C:            # wider maps take torch.mm and ATen's LayerNorm backward
             for dy in (x, None):
                 irb._input_grad_triton(du, w1, x, stat, stat, ln[0], dy)
@@ -155,7 +158,7 @@ def test_every_dispatched_kernel_compiles_without_spills(monkeypatch):
     variants, images = (("t", "s", "l"), (512, 1024)) if FULL else (("t", "s"), (512,))
     specs = _specs(monkeypatch, variants, images, (torch.float32, torch.bfloat16, torch.float16))
     kernels = {s["kernel"] for s in specs}
-    assert len(kernels) == 24, sorted(kernels)      # every kernel of the eight ops is launched
+    assert len(kernels) == 25, sorted(kernels)      # every kernel of the eight ops is launched
     reports = compile_reports([dict(s, cc=cc) for s in specs for cc in (90, 80)])
     # a block's registers must fit the SM's register file (64K on sm_80 / sm_90): maxnreg=255 lets ptxas give a
     # 16-warp kernel more than 128 registers a thread, which compiles but cannot launch

@@ -131,31 +131,44 @@ def test_gradcheck_and_opcheck():
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda *a: irb(a[0], *a[1:7], a[7], keep, a[8], a[9]), (x, *ps), eps=1e-6,
                                     atol=1e-6, fast_mode=True)
-    args = (x, *ps[:7], keep, ps[7], ps[8], 1e-6, None, torch.float64, True)
+    args = (x, *ps[:7], keep, ps[7], ps[8], 1e-6, None, torch.float64)
     torch.library.opcheck(torch.ops.lrformer.irb, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("splits", ["one", "several"])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fc2_weight_grad_op(monkeypatch, scaled):
+def test_fc2_weight_grad_op(monkeypatch, scaled, splits):
     """fc2's weight and bias gradients with dv = dy * s[b, c] formed as dy is loaded and the input recomputed from
-    u, alone: several splits of the pixels (the GPU config with an H100's SM count; splits straddling samples),
-    float64 against dv^T [a | 1]; outputs poisoned; opcheck."""
+    u, alone, with the layer scale applied to the finished gradient and the layer scale's own gradient (checked
+    against sum(dv * v), v = a w2^T + b2 the fc2 output the kernels never form): one split (the programs write
+    the gradient in its dtype) and several (the GPU config with an H100's SM count; splits straddling samples;
+    fp32 partials summed in a fixed order by the sum kernel), float64 against dv^T [a | 1]; outputs poisoned;
+    opcheck."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
     B, H, W, C, HD = 3, 9, 13, 40, 80
-    dy = torch.randn(B * H * W, C, dtype=torch.float64)
-    s = torch.randn(B, C, dtype=torch.float64) if scaled else None
-    u = torch.randn(B, H, W, HD, dtype=torch.float64)
-    wc, bc = torch.randn(HD, 1, 3, 3, dtype=torch.float64), torch.randn(HD, dtype=torch.float64)
-    assert mod._split_m_config("dw2", dy.shape[0], C, HD, u.device)[5] > 1
+    f64 = dict(dtype=torch.float64)
+    dy = torch.randn(B * H * W, C, **f64)
+    s = torch.randn(B, C, **f64) if scaled else None
+    u = torch.randn(B, H, W, HD, **f64)
+    wc, bc = torch.randn(HD, 1, 3, 3, **f64), torch.randn(HD, **f64)
+    scale, b2, w2 = torch.randn(C, **f64), torch.randn(C, **f64), torch.randn(C, HD, **f64)
+    assert (mod._split_m_config("dw2", dy.shape[0], C, HD, u.device)[5] == 1) == (splits == "one")
     a = mod.dwconv3x3_reference(u, wc, bc, gelu=True, residual=True).reshape(-1, HD)
     dv = dy if s is None else (dy.reshape(B, -1, C) * s[:, None]).reshape(-1, C)
-    dw2, db2 = mod.irb_fc2_weight_grad(dy, u, wc, bc, s)
-    assert rel_err(dw2, dv.t() @ a) < 1e-12 and rel_err(db2, dv.sum(0)) < 1e-12
-    torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, (dy, u, wc, bc, s),
-                          test_utils=("test_schema", "test_faketensor"))
+    G, g = dv.t() @ a, dv.sum(0)
+    dw2, db2, ds = mod.irb_fc2_weight_grad(dy, u, wc, bc, s, None, None, None, torch.float64)
+    assert rel_err(dw2, G) < 1e-12 and rel_err(db2, g) < 1e-12 and ds.numel() == 0
+    dw2, db2, ds = mod.irb_fc2_weight_grad(dy, u, wc, bc, s, scale, w2, b2, torch.float64)
+    assert rel_err(dw2, G * scale[:, None]) < 1e-12 and rel_err(db2, g * scale) < 1e-12
+    assert rel_err(ds, (dv * (a @ w2.t() + b2)).sum(0)) < 1e-12
+    dw2, _, ds = mod.irb_fc2_weight_grad(dy, u, wc, bc, s, scale, None, None, torch.float32)
+    assert dw2.dtype == torch.float32 and rel_err(dw2, G * scale[:, None]) < 1e-6 and ds.numel() == 0
+    for args in ((dy, u, wc, bc, s, scale, w2, b2, torch.float64), (dy, u, wc, bc, s, None, None, None, torch.float32)):
+        torch.library.opcheck(torch.ops.lrformer.irb_fc2_weight_grad, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("sms", [1, 132])
@@ -230,26 +243,32 @@ def test_input_grad_op(monkeypatch, sms):
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("splits", ["one", "several"])
 @pytest.mark.parametrize("ln", [True, False])
-def test_fc1_weight_grad_op(monkeypatch, ln):
+def test_fc1_weight_grad_op(monkeypatch, ln, splits):
     """fc1's weight and bias gradients with the normalised input recomputed from x and the row statistics, alone:
-    several hidden, channel and pixel-split tiles, partial ones (the GPU config with an H100's SM count), float64
-    against du^T [xn | 1]; outputs poisoned; opcheck."""
+    several hidden, channel and pixel-split tiles, partial ones (the GPU config with an H100's SM count), one
+    split (written in the gradient's dtype by the programs) and several (the sum kernel), float64 against
+    du^T [xn | 1]; outputs poisoned; opcheck."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
     B, H, W, C, HD = 2, 9, 13, 80, 48
     x = 2 + 3 * torch.randn(B, H, W, C, dtype=torch.float64)
     du = torch.randn(B * H * W, HD, dtype=torch.float64)
     var, mean = torch.var_mean(x, dim=-1, unbiased=False)
     rstd = torch.rsqrt(var + 1e-6)
     nw, nb = (1 + 0.1 * torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)) if ln else (None, None)
-    assert mod._split_m_config("dw1", B * H * W, HD, C, x.device)[5] > 1
+    assert (mod._split_m_config("dw1", B * H * W, HD, C, x.device)[5] == 1) == (splits == "one")
     xn = torch.nn.functional.layer_norm(x, (C,), nw, nb, 1e-6) if ln else x
-    dw1, db1 = mod.irb_fc1_weight_grad(du, x, mean, rstd, nw, nb)
-    assert rel_err(dw1, du.t() @ xn.reshape(-1, C)) < 1e-12 and rel_err(db1, du.sum(0)) < 1e-12
-    torch.library.opcheck(torch.ops.lrformer.irb_fc1_weight_grad, (du, x, mean, rstd, nw, nb),
-                          test_utils=("test_schema", "test_faketensor"))
+    want = du.t() @ xn.reshape(-1, C)
+    for dt in (torch.float64, torch.float32):
+        dw1, db1 = mod.irb_fc1_weight_grad(du, x, mean, rstd, nw, nb, dt)
+        assert dw1.dtype == dt and rel_err(dw1, want) < (1e-12 if dt == torch.float64 else 1e-6)
+        assert rel_err(db1, du.sum(0)) < 1e-12
+        torch.library.opcheck(torch.ops.lrformer.irb_fc1_weight_grad, (du, x, mean, rstd, nw, nb, dt),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_inputs():

@@ -198,26 +198,32 @@ def _irb_forward_extra(args, out) -> int:
     return tensor_bytes(u) + (tensor_bytes(x) if shortcut is None else 0) + 2 * tensor_bytes(wc)
 
 
-def _fc2_weight_grad_extra(args, out) -> int:
-    """One launch (dy read once, scaled as it is loaded; u's 9 taps from L1/L2, u read once per output-channel
-    tile: the tiles of a pixel chunk run together) writing fp32 partials (splits, C, HD + 1), read by the
-    fixed-order sums; the (9, HD) weight copy."""
+def _weight_grad_partials(kind: str, M: int, n: int, k: int, acc: int, dots: bool) -> int:
+    """The split-M weight gradient's bytes besides its operands and its gradient: with several splits the fp32
+    partials (splits, n, k) written and read once by the fixed-order sum kernel (which writes the gradient; one
+    split writes it directly); the bias partials (splits, n) and, with ``dots``, the row dots' partials (column
+    tiles, n) written and summed."""
     irb = _kernels("irb")
-    dy, u, wc = args[0], args[1], args[2]
     with _gpu_tiles():
-        splits = irb._split_m_config("dw2", dy.shape[0], dy.shape[1], u.shape[-1], u.device)[5]
-    return 2 * splits * _all_bytes(out) + 2 * tensor_bytes(wc)
+        bk, splits = irb._split_m_config(kind, M, n, k, torch.device("meta"))[2::3]
+    col_tiles = -(-k // (bk if splits == 1 else irb.SUM_CONFIG[1]))
+    return 2 * acc * ((splits * n * k if splits > 1 else 0) + splits * n + (col_tiles * n if dots else 0))
+
+
+def _fc2_weight_grad_extra(args, out) -> int:
+    """One launch (dy read once, times the drop-path factor as it is loaded; u's 9 taps from L1/L2, u read once
+    per output-channel tile: the tiles of a pixel chunk run together) and, with several splits, the sum
+    kernel; the (9, HD) weight copy."""
+    dy, u, wc, w2 = args[0], args[1], args[2], args[6]
+    return (_weight_grad_partials("dw2", dy.shape[0], dy.shape[1], u.shape[-1], _acc_size(u), w2 is not None)
+            + 2 * tensor_bytes(wc))
 
 
 def _fc1_weight_grad_extra(args, out) -> int:
     """One launch (du read once: the channel tiles of a chunk are consecutive programs; x and the row
-    statistics once, the normalised input recomputed) writing fp32 partials (splits, HD, C + 1), read by the
-    fixed-order sums."""
-    irb = _kernels("irb")
+    statistics once, the normalised input recomputed) and, with several splits, the sum kernel."""
     du, x = args[0], args[1]
-    with _gpu_tiles():
-        splits = irb._split_m_config("dw1", du.shape[0], du.shape[1], x.shape[-1], du.device)[5]
-    return 2 * splits * _all_bytes(out)
+    return _weight_grad_partials("dw1", du.shape[0], du.shape[1], x.shape[-1], _acc_size(x), False)
 
 
 def _dgrad_tiles(dv, u):
@@ -346,13 +352,14 @@ def _irb_flops(args, out) -> int:
 
 
 def _fc2_weight_grad_flops(args, out) -> int:
-    """dv^T a (2 M C HD) and the depthwise conv recomputed for every output-channel tile."""
+    """dv^T a (2 M C HD), the depthwise conv recomputed for every output-channel tile, the layer scale's row dots
+    (2 C HD)."""
     irb = _kernels("irb")
-    dv, u = args[0], args[1]
+    dv, u, w2 = args[0], args[1], args[6]
     M, C, HD = dv.shape[0], dv.shape[1], u.shape[-1]
     with _gpu_tiles():
         bn = irb._split_m_config("dw2", M, C, HD, u.device)[1]
-    return 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn))
+    return 2 * M * C * HD + 2 * 9 * M * HD * (-(-C // bn)) + (2 * C * HD if w2 is not None else 0)
 
 
 def _fc1_weight_grad_flops(args, out) -> int:
