@@ -55,6 +55,26 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
+    def layer_norm_statistics_rows(row, rmask, C, sc, eps, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                                   BLOCK_C: tl.constexpr):
+        """Per-row LayerNorm statistics (mean, 1/std) over the C channels of rows ``row`` (``[BLOCK_R, 1]``
+        pointers, channel stride ``sc``; rows off ``rmask`` give finite garbage): two passes, the second from
+        L1/L2, its deviations from the mean exact (no E[x^2] - mean^2 cancellation)."""
+        s1 = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = rmask[:, None] & (c < C)[None, :]
+            s1 += tl.sum(tl.load(row + c[None, :] * sc, mask=m, other=0.0).to(ACC), axis=1)
+        mean = s1 / C
+        s2 = tl.zeros([BLOCK_R], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            m = rmask[:, None] & (c < C)[None, :]
+            d = tl.where(m, tl.load(row + c[None, :] * sc, mask=m, other=0.0).to(ACC) - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, axis=1)
+        return mean, 1.0 / tl.sqrt(s2 / C + eps)
+
+    @triton.jit
     def layer_norm_backward_rows(dxn, xhat, rstd, gamma, C):
         """dx of a LayerNorm over whole rows held in one tile ``[rows, BLOCK_C >= C]``: ``dxn`` = d(normalised x),
         ``xhat = (x - mean) * rstd`` (0 past C and off the rows), ``gamma`` its weight (0 past C)."""

@@ -62,7 +62,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import layer_norm_backward_rows
+    from ._common import layer_norm_backward_rows, layer_norm_statistics_rows
     from .dwconv import _load_tap, _load_w, _pixels
 
 __all__ = ["irb", "irb_reference"]
@@ -118,19 +118,7 @@ if HAS_TRITON:
         xrow = x_ptr + rm[:, None] * C
         DT = u_ptr.dtype.element_ty
         if LAYER_NORM:
-            s1 = tl.zeros([BLOCK_M], ACC)
-            for k0 in range(0, C, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                m2 = mmask[:, None] & (rk < C)[None, :]
-                s1 += tl.sum(tl.load(xrow + rk[None, :], mask=m2, other=0.0).to(ACC), axis=1)
-            mean = s1 / C
-            s2 = tl.zeros([BLOCK_M], ACC)
-            for k0 in range(0, C, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                m2 = mmask[:, None] & (rk < C)[None, :]
-                d = tl.where(m2, tl.load(xrow + rk[None, :], mask=m2, other=0.0).to(ACC) - mean[:, None], 0.0)
-                s2 += tl.sum(d * d, axis=1)
-            rstd = 1.0 / tl.sqrt(s2 / C + eps)
+            mean, rstd = layer_norm_statistics_rows(xrow, mmask, C, 1, eps, ACC, BLOCK_M, BLOCK_K)
             if pid_n == 0:
                 tl.store(mean_ptr + rm, mean, mask=mmask)
                 tl.store(rstd_ptr + rm, rstd, mask=mmask)

@@ -69,7 +69,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import layer_norm_backward_rows
+    from ._common import layer_norm_backward_rows, layer_norm_statistics_rows
 
 #: most grids one call can pool (the kernels take the grid sizes as scalar arguments).
 MAX_GRIDS = 8
@@ -111,20 +111,9 @@ if HAS_TRITON:
         hw = p - b * (H * W)
         h = hw // W
         row = x_ptr + (b * sxb + h * sxh + (hw - h * W) * sxw)[:, None]
-        s1 = tl.zeros([BLOCK_P], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            m = mask_p[:, None] & (c < C)[None, :]
-            s1 += tl.sum(tl.load(row + c[None, :] * sxc, mask=m, other=0.0).to(ACC), axis=1)
-        mean = s1 / C
-        s2 = tl.zeros([BLOCK_P], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            m = mask_p[:, None] & (c < C)[None, :]
-            d = tl.where(m, tl.load(row + c[None, :] * sxc, mask=m, other=0.0).to(ACC) - mean[:, None], 0.0)
-            s2 += tl.sum(d * d, axis=1)
+        mean, rstd = layer_norm_statistics_rows(row, mask_p, C, sxc, eps, ACC, BLOCK_P, BLOCK_C)
         tl.store(mean_ptr + p, mean, mask=mask_p)
-        tl.store(rstd_ptr + p, 1.0 / tl.sqrt(s2 / C + eps), mask=mask_p)
+        tl.store(rstd_ptr + p, rstd, mask=mask_p)
 
     @triton.jit
     def _pyramid_pool_fwd_kernel(
