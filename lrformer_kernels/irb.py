@@ -418,7 +418,8 @@ if HAS_TRITON:
 #: compile gate): fc1 with 32-deep K tiles spills in fp32 (the FMA dot), fc2 builds its A operand (9
 #: GELU'd taps per element) in registers and spills with 64-row tiles in bf16; these use <= 230 registers.
 GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 128, 16, 8, 1),
-              "dw1": (32, 32, 64, 4, 1)}
+              "dw1": (32, 32, 64, 4, 1),
+              "sum": (16, 32, 64, 4, 1)}   # the weight gradients' fixed-order partial sums (no GEMM: BLOCK_M unused)
 #: the split-M weight gradients: about this many programs per SM in all (each walks ``iters`` pixel chunks and
 #: writes one fp32 partial tile) ...
 PROGRAMS_PER_SM = 8
@@ -426,8 +427,6 @@ PROGRAMS_PER_SM = 8
 #: GEMM operands' (M (n + k) 16-bit elements): a weight as large as the map it is reduced over (the last stages)
 #: gets one split, whose programs write the gradient itself, in its dtype
 SPLIT_TRAFFIC_SHARE = 0.25
-#: the fixed-order sum of the partials (and the cast to the gradient's dtype): (BLOCK_N, BLOCK_K, warps)
-SUM_CONFIG = (32, 64, 4)
 
 
 def _config(kind: str, m: int, n: int, k: int):
@@ -538,10 +537,7 @@ def _weight_grad_sum(part, grad_dtype, rs=None, w=None):
     """(gradient (n, k) in ``grad_dtype``, the row dots' partials (column tiles, n) with ``w``, else None) from the
     split-M partials (splits, n, k): their fixed-order sum by ``_weight_grad_sum_kernel``."""
     splits, n, k = part.shape
-    bn, bk, warps = SUM_CONFIG
-    if big_interpreter_tiles():
-        bn, bk = 128, 256
-    bn, bk = max(16, min(bn, next_pow2(n))), max(16, min(bk, next_pow2(k)))
+    _, bn, bk, warps, _ = _config("sum", 1, n, k)
     out = new_empty((n, k), grad_dtype, part.device)
     dot = new_empty((cdiv(k, bk), n), part.dtype, part.device) if w is not None else None
     with device_guard(part):

@@ -206,7 +206,8 @@ def _weight_grad_partials(kind: str, M: int, n: int, k: int, acc: int, dots: boo
     irb = _kernels("irb")
     with _gpu_tiles():
         bk, splits = irb._split_m_config(kind, M, n, k, torch.device("meta"))[2::3]
-    col_tiles = -(-k // (bk if splits == 1 else irb.SUM_CONFIG[1]))
+        sum_bk = irb._config("sum", 1, n, k)[2]
+    col_tiles = -(-k // (bk if splits == 1 else sum_bk))
     return 2 * acc * ((splits * n * k if splits > 1 else 0) + splits * n + (col_tiles * n if dots else 0))
 
 
