@@ -37,10 +37,15 @@ Design (two kernels forward; the hidden map written once and read once)
   recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to the program's own scratch tile (L1/L2;
   a register tile cannot be shifted across pixels in Triton 3.6-3.9, and ``tl.gather`` spills) and reads it
   back shifted for the transposed depthwise conv, times gelu'(u), plus the depthwise weight and bias
-  partials: da never goes to DRAM.  Deterministic (fixed-order partial sums).  Five passes over the hidden
-  map remain (u read by dgrad and by dw2, du written, du read by the two GEMMs); fusing dw2 into dgrad (one
-  pass fewer) spilled at every tile size tried (the kernel sits at 170-245 registers); keeping du out of DRAM
-  too needs dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
+  partials: da never goes to DRAM.  Deterministic (fixed-order partial sums).
+* Maps up to ``WGRAD_MAX_C`` wide (the stages with hidden ratio 8, where the hidden map dominates) take fc1's
+  and fc2's weight gradients in that same pass (:func:`irb_hidden_grads`, ``WGRAD``): per tile, du^T [xn | 1]
+  right after du (xn recomputed from x), then fc2's input a from the u taps the depthwise weight gradient
+  loads anyway and (dy keep)^T [a | 1]; the products go 16 channels at a time into the program's own slices
+  of the split's fp32 partials, updated in place (L1/L2; register accumulators as wide as the map spill, as
+  do 128-pixel regions: 8x8 regions).  Three passes over the hidden map remain (u read, du written, du read
+  by dx); wider maps keep the separate weight-gradient kernels (five).  Keeping du out of DRAM too needs
+  dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
@@ -334,9 +339,11 @@ if HAS_TRITON:
             tl.store(part_ptr + pid * 2 * C + C + rc, acc_b, mask=cmask)
 
     @triton.jit
-    def _irb_dgrad_kernel(dy_ptr, s_ptr, u_ptr, w2_ptr, wc_ptr, du_ptr, part_ptr, scratch_ptr, B, H, W, HD, C,
-                          tiles_h, tiles_w, iters,
-                          HAS_S: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    def _irb_dgrad_kernel(dy_ptr, s_ptr, ls_ptr, u_ptr, w2_ptr, wc_ptr, bc_ptr, du_ptr, part_ptr, scratch_ptr,
+                          x_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, part1_ptr, part2_ptr, partb2_ptr,
+                          B, H, W, HD, C, tiles_h, tiles_w, iters,
+                          HAS_S: tl.constexpr, HAS_LS: tl.constexpr, WGRAD: tl.constexpr, LAYER_NORM: tl.constexpr,
+                          INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                           RH: tl.constexpr, RW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
         """The IRB backward from dv = d(fc2 output) = dy * s[b, c] (formed as dy is loaded) to du = d(fc1 output)
         and the depthwise conv's weight and bias gradients, da = dv w2 never stored: a program owns ``BLOCK_K``
@@ -344,7 +351,11 @@ if HAS_TRITON:
         consecutive tiles of the map; a tile is an ``RH x RW`` region, its ``(RH-2) x (RW-2)`` own pixels and
         a one-pixel halo, on which the program computes da (a GEMM over C), writes it to its own scratch
         tile (L1/L2: a register tile cannot be shifted across pixels) and reads it back shifted for the
-        transposed depthwise conv.  Per-program fp32 partials (9 taps + bias), summed in a fixed order."""
+        transposed depthwise conv.  Per-program fp32 partials (9 taps + bias), summed in a fixed order.  With
+        ``WGRAD`` also fc1's bias (partial row 10) and weight gradient (x, the row statistics and the LayerNorm's
+        parameters for xn) and fc2's before the layer scale (dy * s, s the drop-path factor; da's dv takes the
+        layer scale ``ls`` too), into the program's slices of ``part1`` (splits, HD, C), ``part2`` (splits, C, HD)
+        and, for the first hidden chunk, ``partb2`` (splits, C)."""
         pid_k = tl.program_id(0)        # hidden chunks fastest: the programs of a split read the same dv tiles
         pid_s = tl.program_id(1)
         P: tl.constexpr = RH * RW
@@ -358,7 +369,21 @@ if HAS_TRITON:
         sp = scratch_ptr + (pid_s * tl.num_programs(0) + pid_k) * (P * BLOCK_K) + r[:, None] * BLOCK_K \
             + tl.arange(0, BLOCK_K)[None, :]
         DT = u_ptr.dtype.element_ty
-        acc_w = tl.zeros([16, BLOCK_K], ACC)            # rows 0..8: d_wc taps (ky * 3 + kx), row 9: d_bc
+        acc_w = tl.zeros([16, BLOCK_K], ACC)            # rows 0..8: d_wc taps (ky * 3 + kx), row 9: d_bc, 10: d_b1
+        if WGRAD:
+            # fc1's and fc2's weight gradients: this program's slices of the split's fp32 partials, (BLOCK_K hidden
+            # rows x C) of (splits, HD, C) and (C x BLOCK_K hidden columns) of (splits, C, HD), accumulated in
+            # place BLOCK_C channels at a time (L1/L2 hits; a register accumulator as wide as the map spills)
+            p1 = part1_ptr + pid_s * HD * C + cs[:, None] * C
+            p2 = part2_ptr + pid_s * C * HD + cs[None, :]
+            pb2 = partb2_ptr + pid_s * C
+            for c0 in range(0, C, BLOCK_C):
+                ck = c0 + tl.arange(0, BLOCK_C)
+                ckm = ck < C
+                tl.store(p1 + ck[None, :], tl.zeros([BLOCK_K, BLOCK_C], ACC), mask=cmask[:, None] & ckm[None, :])
+                tl.store(p2 + ck[:, None] * HD, tl.zeros([BLOCK_C, BLOCK_K], ACC), mask=ckm[:, None] & cmask[None, :])
+                if pid_k == 0:
+                    tl.store(pb2 + ck, tl.zeros([BLOCK_C], ACC), mask=ckm)
         for it in range(0, iters):
             t = pid_s * iters + it
             b = t // (tiles_h * tiles_w)
@@ -380,6 +405,8 @@ if HAS_TRITON:
                 if HAS_S:                   # (b == B past the last tile, where no pixel is valid)
                     sb = tl.load(s_ptr + tl.minimum(b, B - 1) * C + ck, mask=ckm, other=0.0)
                     dvr = dvr.to(ACC) * sb.to(ACC)[None, :]
+                if HAS_LS:
+                    dvr = dvr.to(ACC) * tl.load(ls_ptr + ck, mask=ckm, other=0.0).to(ACC)[None, :]
                 w2t = tl.load(w2_ptr + ck[:, None] * HD + cs[None, :], mask=ckm[:, None] & cmask[None, :], other=0.0)
                 da += tl.dot(dvr.to(DT), w2t.to(DT), input_precision=DOT_PREC).to(ACC)
             # the barriers order the scratch tile's writes and reads among the warps
@@ -398,8 +425,32 @@ if HAS_TRITON:
             cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
             du = dg * (cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327)
             tl.store(du_ptr + hoff, du.to(du_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
+            if WGRAD:
+                # ---- fc1's weight and bias gradients du^T [xn | 1] over the own pixels: du as stored (in the hidden
+                # dtype), xn recomputed from x and the forward's row statistics
+                du = tl.where(own[:, None] & cmask[None, :], du, 0.0).to(DT)
+                acc_w += tl.where(rows[:, None] == 10, tl.sum(du.to(ACC), axis=0)[None, :], 0.0)
+                if LAYER_NORM:
+                    mean = tl.load(mean_ptr + idx, mask=own, other=0.0).to(ACC)
+                    rstd = tl.load(rstd_ptr + idx, mask=own, other=0.0).to(ACC)
+                tl.debug_barrier()          # the previous tile's partial updates (another thread's elements)
+                for c0 in range(0, C, BLOCK_C):
+                    ck = c0 + tl.arange(0, BLOCK_C)
+                    ckm = ck < C
+                    om = own[:, None] & ckm[None, :]
+                    xk = tl.load(x_ptr + idx[:, None] * C + ck[None, :], mask=om, other=0.0).to(ACC)
+                    if LAYER_NORM:
+                        lng = tl.load(lnw_ptr + ck, mask=ckm, other=0.0).to(ACC)
+                        lnb = tl.load(lnb_ptr + ck, mask=ckm, other=0.0).to(ACC)
+                        xk = tl.where(om, (xk - mean[:, None]) * rstd[:, None] * lng[None, :] + lnb[None, :], 0.0)
+                    m1 = cmask[:, None] & ckm[None, :]
+                    d1 = tl.dot(tl.trans(du), xk.to(DT), input_precision=DOT_PREC).to(ACC)
+                    tl.store(p1 + ck[None, :], tl.load(p1 + ck[None, :], mask=m1, other=0.0) + d1, mask=m1)
             # ---- d_wc[t] += sum_p da[p] g[p + o_t], d_bc += sum_p da[p] over the own pixels (they partition the
-            # map); the neighbours' g = gelu(u) by shifted masked loads of u (L1/L2 hits)
+            # map); the neighbours' g = gelu(u) by shifted masked loads of u (L1/L2 hits); with WGRAD fc2's input
+            # a = g + dwconv3x3(g) + bc from the same taps
+            if WGRAD:
+                a = tl.load(bc_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :] + tl.zeros([P, BLOCK_K], ACC)
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
                     nb = own & (h + (ky - 1) >= 0) & (h + (ky - 1) < H) & (w + (kx - 1) >= 0) & (w + (kx - 1) < W)
@@ -407,9 +458,32 @@ if HAS_TRITON:
                                  other=0.0).to(ACC)
                     gs = 0.5 * gs * (1.0 + tl.math.erf(gs * 0.7071067811865476))
                     acc_w += tl.where(rows[:, None] == ky * 3 + kx, tl.sum(da * gs, axis=0)[None, :], 0.0)
+                    if WGRAD:
+                        a += gs * _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC)
+                        if ky == 1:
+                            if kx == 1:
+                                a += gs
             acc_w += tl.where(rows[:, None] == 9, tl.sum(tl.where(own[:, None], da, 0.0), axis=0)[None, :], 0.0)
-        tl.store(part_ptr + pid_s * 10 * HD + rows[:, None] * HD + cs[None, :], acc_w,
-                 mask=(rows < 10)[:, None] & cmask[None, :])
+            if WGRAD:
+                # ---- fc2's weight and bias gradients before the layer scale, (dy keep)^T [a | 1] over the own pixels
+                a = a.to(DT)
+                for c0 in range(0, C, BLOCK_C):
+                    ck = c0 + tl.arange(0, BLOCK_C)
+                    ckm = ck < C
+                    dvk = tl.load(dy_ptr + idx[:, None] * C + ck[None, :], mask=own[:, None] & ckm[None, :],
+                                  other=0.0).to(ACC)
+                    if HAS_S:
+                        dvk *= tl.load(s_ptr + tl.minimum(b, B - 1) * C + ck, mask=ckm, other=0.0).to(ACC)[None, :]
+                    dvk = dvk.to(DT)        # the GEMM operand in the hidden dtype, as F.linear's backward has it
+                    m2 = ckm[:, None] & cmask[None, :]
+                    d2 = tl.dot(tl.trans(dvk), a, input_precision=DOT_PREC).to(ACC)
+                    tl.store(p2 + ck[:, None] * HD, tl.load(p2 + ck[:, None] * HD, mask=m2, other=0.0) + d2, mask=m2)
+                    if pid_k == 0:
+                        tl.store(pb2 + ck, tl.load(pb2 + ck, mask=ckm, other=0.0) + tl.sum(dvk.to(ACC), axis=0),
+                                 mask=ckm)
+        NROWS: tl.constexpr = 11 if WGRAD else 10
+        tl.store(part_ptr + pid_s * NROWS * HD + rows[:, None] * HD + cs[None, :], acc_w,
+                 mask=(rows < NROWS)[:, None] & cmask[None, :])
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -481,20 +555,35 @@ def _dx_config(M: int, C: int, HD: int, device: torch.device):
 #: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU
 #: (ptxas: 170-245 registers at 8 warps, no spills; BLOCK_K 32 spills, and so does fc2's weight gradient
 #: fused into it, for any C) and in the interpreter (few, big programs)
-DGRAD_CONFIG = {"cuda": (128, 16, 16, 32, 8), "cpu": (1024, 32, 128, 256, 4)}
+DGRAD_CONFIG = {"cuda": (128, 16, 16, 32, 8), "cpu": (1024, 32, 128, 256, 4),
+                # with fc1's and fc2's weight gradients (WGRAD): 64-pixel regions (128 spill at 8 warps; 16 warps
+                # cannot hold the 240 registers), 16-channel chunks (32 spill in fp32 on sm_80 under Triton 3.6)
+                "cuda_wgrad": (64, 8, 16, 16, 8)}
+#: the maps whose backward takes fc1's and fc2's weight gradients in the dgrad pass (:func:`irb_hidden_grads`: no
+#: separate passes over u and du, 4 HD bytes a pixel saved in 16-bit): at most this wide.  The pass's 8x8 regions
+#: recompute da and compute the two weight-gradient products on 64 pixels for 36 own ones, about 1.8 GEMMs of
+#: FLOPs more (3.6 C HD a pixel): 0.9 C FLOPs per byte saved, ~170 at C = 192, well under an H100's ~300; the
+#: stage-3 maps (C = 320) would sit at that balance and take LRFormer-S's training step past 1.3x eager's FLOPs
+WGRAD_MAX_C = 192
 
 
-def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device):
+def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device, wgrad: bool = False):
     """(RH, RW, BLOCK_C, BLOCK_K, warps, tiles_h, tiles_w, iters, splits) of the dgrad kernel: regions as wide
-    as the map allows (a one-pixel halo on each side), about ``PROGRAMS_PER_SM`` programs per SM in all."""
-    pixels, rw_max, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else "cuda"]
+    as the map allows (a one-pixel halo on each side), about ``PROGRAMS_PER_SM`` programs per SM in all; with
+    ``wgrad`` (the weight gradients' fp32 partials, 2 x 8 C HD bytes a split) no more splits than
+    ``SPLIT_TRAFFIC_SHARE`` of the two GEMMs' operand bytes allows."""
+    pixels, rw_max, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else
+                                                 ("cuda_wgrad" if wgrad else "cuda")]
     rw = max(4, min(rw_max, next_pow2(W + 2)))
     rh = max(4, min(pixels // rw, next_pow2(H + 2)))
     bc = max(16, min(bc, next_pow2(C)))
     bk = max(16, min(bk, next_pow2(HD)))
     tiles_h, tiles_w = cdiv(H, rh - 2), cdiv(W, rw - 2)
     tiles = B * tiles_h * tiles_w
-    iters = cdiv(tiles, max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(HD, bk)))
+    splits = max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(HD, bk))
+    if wgrad:
+        splits = max(1, min(splits, int(SPLIT_TRAFFIC_SHARE * B * H * W * (C + HD) * 2) // (8 * C * HD)))
+    iters = cdiv(tiles, splits)
     return rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, cdiv(tiles, iters)
 
 
@@ -613,22 +702,50 @@ def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
     return dx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic
 
 
-def _dgrad_triton(dy, u, w2, wc, s):
+def _dgrad_triton(dy, u, w2, wc, s, bc=None, scale=None, x=None, mean=None, rstd=None, norm_weight=None,
+                  norm_bias=None):
+    """The dgrad kernel: (du, d_wc, d_bc) and, given x (``WGRAD``: fc1's and fc2's weight gradients in the same
+    pass), the fp32 partials (d_b1 (HD,), fc1's (splits, HD, C), fc2's before the layer scale (splits, C, HD), its
+    bias's (splits, C)); s (B, C) the per-sample factor of dv and, with x, ``scale`` (C,) the layer scale of da's
+    dv = dy * s * scale (fc2's weight gradient takes dy * s)."""
     B, H, W, HD = u.shape
     C = dy.shape[-1]
-    rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device)
+    wgrad = x is not None
+    rh, rw, bc_, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device, wgrad)
     acc = acc_dtype(u.dtype)
     du = new_empty(u.shape, u.dtype, u.device)
-    part = new_empty((splits, 10, HD), acc, u.device)
+    rows = 11 if wgrad else 10
+    part = new_empty((splits, rows, HD), acc, u.device)
     scratch = new_empty((splits, cdiv(HD, bk), rh * rw, bk), acc, u.device)
     w9 = wc.reshape(HD, 9).t().contiguous()
+    ln = wgrad and norm_weight is not None
+    part1, part2, partb2 = ((new_empty((splits, HD, C), acc, u.device), new_empty((splits, C, HD), acc, u.device),
+                             new_empty((splits, C), acc, u.device)) if wgrad else (part, part, part))
     with device_guard(u):
         _irb_dgrad_kernel[(cdiv(HD, bk), splits)](
-            dy, s if s is not None else dy, u, w2, w9, du, part, scratch, B, H, W, HD, C, tiles_h, tiles_w, iters,
-            HAS_S=s is not None, INT64=needs_int64(dy, u), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype),
-            RH=rh, RW=rw, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1, **launch_options())
+            dy, s if s is not None else dy, scale if scale is not None else part, u, w2, w9,
+            bc if bc is not None else part, du, part, scratch, x if wgrad else dy, mean if ln else part,
+            rstd if ln else part, norm_weight if ln else part, norm_bias if ln else part, part1, part2, partb2,
+            B, H, W, HD, C, tiles_h, tiles_w, iters,
+            HAS_S=s is not None, HAS_LS=scale is not None, WGRAD=wgrad, LAYER_NORM=ln,
+            INT64=needs_int64(dy, u, *((x,) if wgrad else ())), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype),
+            RH=rh, RW=rw, BLOCK_C=bc_, BLOCK_K=bk, num_warps=warps, num_stages=1,
+            **launch_options())
     red = part.sum(0)                      # fixed-order reduction over the programs: deterministic
-    return du, red[:9].t().reshape(HD, 1, 3, 3).contiguous(), red[9].clone()
+    grads = (du, red[:9].t().reshape(HD, 1, 3, 3).contiguous(), red[9].clone())
+    return grads + ((red[10].clone(), part1, part2, partb2) if wgrad else ())
+
+
+def _hidden_grads_triton(dy, u, x, mean, rstd, w2, wc, bc, b2, keep, scale, norm_weight, norm_bias, need_scale,
+                         grad_dtype):
+    B, _, _, C = x.shape
+    du, dwc, dbc, db1, part1, part2, partb2 = _dgrad_triton(
+        dy, u, w2.to(u.dtype), wc, _per_sample(None, keep, B, C, x.dtype), bc, scale, x, mean, rstd, norm_weight,
+        norm_bias)
+    dw1 = _weight_grad_sum(part1, grad_dtype)[0]
+    dw2, dots = _weight_grad_sum(part2, grad_dtype, scale, w2 if need_scale else None)
+    db2, dscale = _fc2_bias_and_scale_grads(partb2.sum(0), dots, scale, b2)    # fixed-order sums: deterministic
+    return du, dwc, dbc, dw1, db1, dw2, db2, dscale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,6 +804,22 @@ def _forward_reference(x, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm
     return out, u, mean, rstd
 
 
+def _per_sample(scale, keep, B: int, C: int, dtype: torch.dtype):
+    """dv's factor ``scale[c] * keep[b]`` as a (B, C) tensor in the math dtype, or None: the kernels form
+    dv = dy * s[b, c] as they load dy (never stored); fc2's weight gradient takes dy * keep[b] (the layer scale
+    applied to the finished gradient)."""
+    s = branch_scale(scale, keep, B, C, torch.empty((), dtype=acc_dtype(dtype)))
+    return None if s is None else s.expand(B, 1, 1, C).reshape(B, C).contiguous()
+
+
+def _fc2_bias_and_scale_grads(g, dots, scale, b2):
+    """(db2, dscale) from fc2's bias gradient before the layer scale ``g`` (C,) and the row dots' partials
+    ``dots`` (tiles, C) of ``sum_k w2 G`` (None: no layer-scale gradient, an empty one)."""
+    db2 = g if scale is None else g * scale.to(g.dtype)
+    dscale = g.new_empty((0,)) if dots is None else dots.sum(0) + g * (b2.to(g.dtype) if b2 is not None else 0)
+    return db2, dscale
+
+
 def _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, norm_weight, norm_bias,
                    has_shortcut: bool, need_scale: bool):
     """(dx, dw1, db1, dwc, dbc, dw2, db2, dscale, dnorm_weight, dnorm_bias) (the shortcut's gradient is dy
@@ -699,20 +832,20 @@ def _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, no
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
-    hd, acc = u.dtype, acc_dtype(x.dtype)
-    # dv = dy * scale[c] * keep[b] is formed inside the kernels as they load dy (never stored): s as (B, C);
-    # fc2's weight gradient takes dy * keep[b] (its layer scale applied to the finished gradient)
-    def per_sample(scale):
-        s = branch_scale(scale, keep, B, C, torch.empty((), dtype=acc))
-        return None if s is None else s.expand(B, 1, 1, C).reshape(B, C).contiguous()
+    hd = u.dtype
     dy2 = dy.contiguous().reshape(M, C)
-    dw2, db2, dscale = torch.ops.lrformer.irb_fc2_weight_grad(
-        dy2, u, wc, bc, per_sample(None), scale, w2 if need_scale else None, b2 if need_scale else None, w2.dtype)
-    db2, dscale = db2.to(b2.dtype), (dscale.to(scale.dtype) if need_scale else None)
-    du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dy2, u, w2.to(hd), wc, bc, per_sample(scale))
+    if C <= WGRAD_MAX_C and w1.dtype == w2.dtype:       # the weight gradients in the dgrad pass
+        du, dwc, dbc, dw1, db1, dw2, db2, dscale = torch.ops.lrformer.irb_hidden_grads(
+            dy2, u, x, mean, rstd, w2, wc, bc, b2, keep, scale, norm_weight, norm_bias, need_scale, w1.dtype)
+    else:
+        dw2, db2, dscale = torch.ops.lrformer.irb_fc2_weight_grad(
+            dy2, u, wc, bc, _per_sample(None, keep, B, C, x.dtype), scale, w2 if need_scale else None,
+            b2 if need_scale else None, w2.dtype)
+        du, dwc, dbc = torch.ops.lrformer.irb_dgrad(dy2, u, w2.to(hd), wc, bc, _per_sample(scale, keep, B, C, x.dtype))
+        dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du.reshape(M, HD), x, mean, rstd, norm_weight, norm_bias,
+                                                          w1.dtype)
     du = du.reshape(M, HD)
-    dw1, db1 = torch.ops.lrformer.irb_fc1_weight_grad(du, x, mean, rstd, norm_weight, norm_bias, w1.dtype)
-    db1 = db1.to(b1.dtype)
+    db1, db2, dscale = db1.to(b1.dtype), db2.to(b2.dtype), (dscale.to(scale.dtype) if need_scale else None)
     dx, dnw, dnb = torch.ops.lrformer.irb_input_grad(du, w1.to(hd), x, mean, rstd, norm_weight,
                                                     None if has_shortcut else dy2.reshape(x.shape))
     if norm_weight is None:
@@ -774,9 +907,7 @@ def irb_fc2_weight_grad(dy: torch.Tensor, u: torch.Tensor, wc: torch.Tensor, bc:
         G, g = torch.mm(dv.t(), a.to(u.dtype).reshape(-1, u.shape[-1])).to(acc), dv.sum(0, dtype=acc)
         dots = None if w2 is None else (G * w2.to(acc)).sum(1)[None]
         dw2 = (G if scale is None else G * scale.to(acc)[:, None]).to(grad_dtype)
-    db2 = g if scale is None else g * scale.to(g.dtype)
-    dscale = g.new_empty((0,)) if w2 is None else dots.sum(0) + g * (b2.to(g.dtype) if b2 is not None else 0)
-    return dw2, db2, dscale
+    return (dw2,) + _fc2_bias_and_scale_grads(g, dots if w2 is not None else None, scale, b2)
 
 
 @irb_fc2_weight_grad.register_fake
@@ -832,6 +963,39 @@ def _(dy, u, w2, wc, bc, s):
     acc = acc_dtype(u.dtype)
     HD = u.shape[-1]
     return u.new_empty(u.shape), u.new_empty((HD, 1, 3, 3), dtype=acc), u.new_empty((HD,), dtype=acc)
+
+
+@torch.library.custom_op("lrformer::irb_hidden_grads", mutates_args=())
+def irb_hidden_grads(dy: torch.Tensor, u: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                     w2: torch.Tensor, wc: torch.Tensor, bc: torch.Tensor, b2: torch.Tensor, keep: Optional[torch.Tensor],
+                     scale: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+                     norm_bias: Optional[torch.Tensor], need_scale: bool,
+                     grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IRB backward between the block output's gradient dy (M, C) and du = d(fc1 output), with every weight
+    gradient of the branch but the input's: :func:`irb_fc2_weight_grad` (dv = dy * keep[b] * scale[c]; the layer
+    scale's gradient with ``need_scale``), :func:`irb_dgrad` and :func:`irb_fc1_weight_grad` in one kernel pass
+    over u (the hidden map read once, du written once and not read back; x read for the normalised input):
+    (du (B, H, W, HD), d_wc, d_bc, dw1 and dw2 in ``grad_dtype``, db1, db2, dscale in the math dtype)."""
+    if use_kernel(u):
+        return _hidden_grads_triton(dy, u, x, mean, rstd, w2, wc, bc, b2, keep, scale, norm_weight, norm_bias,
+                                    need_scale, grad_dtype)
+    B, _, _, C = x.shape
+    dw2, db2, dscale = irb_fc2_weight_grad(dy, u, wc, bc, _per_sample(None, keep, B, C, x.dtype), scale,
+                                           w2 if need_scale else None, b2 if need_scale else None, grad_dtype)
+    du, dwc, dbc = irb_dgrad(dy, u, w2.to(u.dtype), wc, bc, _per_sample(scale, keep, B, C, x.dtype))
+    dw1, db1 = irb_fc1_weight_grad(du.reshape(-1, u.shape[-1]), x, mean, rstd, norm_weight, norm_bias, grad_dtype)
+    return du, dwc, dbc, dw1, db1, dw2, db2, dscale
+
+
+@irb_hidden_grads.register_fake
+def _(dy, u, x, mean, rstd, w2, wc, bc, b2, keep, scale, norm_weight, norm_bias, need_scale, grad_dtype):
+    acc = acc_dtype(u.dtype)
+    C, HD = x.shape[-1], u.shape[-1]
+    return (u.new_empty(u.shape), u.new_empty((HD, 1, 3, 3), dtype=acc), u.new_empty((HD,), dtype=acc),
+            u.new_empty((HD, C), dtype=grad_dtype), u.new_empty((HD,), dtype=acc),
+            u.new_empty((C, HD), dtype=grad_dtype), u.new_empty((C,), dtype=acc),
+            u.new_empty((C if need_scale else 0,), dtype=acc))
 
 
 @torch.library.custom_op("lrformer::irb_input_grad", mutates_args=())

@@ -200,6 +200,57 @@ def test_dgrad_op(monkeypatch, sms):
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("splits", ["one", "several"])
+def test_hidden_grads_op(monkeypatch, splits):
+    """The dgrad pass with fc1's and fc2's weight gradients (maps up to ``WGRAD_MAX_C`` wide): du, the depthwise
+    conv's, fc2's (the layer scale applied, its own gradient) and fc1's gradients (the normalised input recomputed)
+    from one pass, alone on the GPU tiles: 8x8 regions whose halos cross tile borders, C wider than a channel
+    chunk and not a multiple of it, maps narrower and shorter than a region, one split and several (the partials
+    updated in place over a program's tiles, summed in a fixed order); with and without the LayerNorm, drop path and
+    layer scale; float64 against autograd through the branch's math with u an input; fp32 gradients; poisoned
+    outputs; opcheck."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", 132)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
+    F = torch.nn.functional
+    f64 = dict(dtype=torch.float64)
+    for (B, H, W, C, HD), ln, scaled, dropped in (((2, 13, 11, 40, 48), True, True, True),
+                                                  ((3, 4, 3, 24, 16), False, False, True),
+                                                  ((1, 9, 20, 16, 32), True, False, False)):
+        x = 2 + 3 * torch.randn(B, H, W, C, **f64)
+        var, mean = torch.var_mean(x, dim=-1, unbiased=False)
+        rstd = torch.rsqrt(var + 1e-6)
+        nw, nb = (1 + 0.1 * torch.randn(C, **f64), torch.randn(C, **f64)) if ln else (None, None)
+        keep = torch.tensor([1.25, 0.0, 1.25][:B], **f64) if dropped else None
+        lv = {k: torch.randn(*sh, **f64, requires_grad=True) for k, sh in
+              (("u", (B, H, W, HD)), ("wc", (HD, 1, 3, 3)), ("bc", (HD,)), ("w2", (C, HD)), ("b2", (C,)), ("scale", (C,)))}
+        dy = torch.randn(B * H * W, C, **f64)
+        v = F.linear(mod.dwconv3x3_reference(lv["u"], lv["wc"], lv["bc"], gelu=True, residual=True), lv["w2"], lv["b2"])
+        s = (lv["scale"] if scaled else 1) * (keep[:, None, None, None] if dropped else 1)
+        want = dict(zip(lv, torch.autograd.grad((v * s).reshape(-1, C), list(lv.values()), dy, allow_unused=True)))
+        xn = F.layer_norm(x, (C,), nw, nb, 1e-6) if ln else x
+        du = want["u"].reshape(-1, HD)
+        want.update(w1=du.t() @ xn.reshape(-1, C), b1=du.sum(0))
+        cfg = mod._dgrad_config(B, H, W, C, HD, x.device, True)
+        assert cfg[:2] == (8, 8) and (cfg[8] == 1) == (splits == "one"), cfg
+        p = {k: t.detach() for k, t in lv.items()}
+        args = (dy, p["u"], x, mean, rstd, p["w2"], p["wc"], p["bc"], p["b2"], keep, p["scale"] if scaled else None,
+                nw, nb, scaled)
+        got = mod.irb_hidden_grads(*args, torch.float64)
+        for name, g in zip(("u", "wc", "bc", "w1", "b1", "w2", "b2", "scale"), got):
+            if name == "scale" and not scaled:
+                assert g.numel() == 0
+                continue
+            r = want[name]
+            assert g.shape == r.shape and rel_err(g, r) < 1e-12, (name, (B, H, W, C, HD), rel_err(g, r))
+        dw1, dw2 = mod.irb_hidden_grads(*args, torch.float32)[3:6:2]
+        assert dw1.dtype == dw2.dtype == torch.float32
+        assert rel_err(dw1, want["w1"]) < 1e-6 and rel_err(dw2, want["w2"]) < 1e-6
+        torch.library.opcheck(torch.ops.lrformer.irb_hidden_grads, args + (torch.float64,),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("sms", [1, 132])
 def test_input_grad_op(monkeypatch, sms):
     """dx = LayerNorm backward(du w1) + dy in one kernel, dxn never stored, alone on the GPU tiles: programs walking

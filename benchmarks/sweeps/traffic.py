@@ -227,12 +227,12 @@ def _fc1_weight_grad_extra(args, out) -> int:
     return _weight_grad_partials("dw1", du.shape[0], du.shape[1], x.shape[-1], _acc_size(x), False)
 
 
-def _dgrad_tiles(dv, u):
+def _dgrad_tiles(dv, u, wgrad: bool = False):
     """(regions, pixels per region, splits, hidden chunks, BLOCK_K) of the dgrad kernel on the GPU tiles."""
     irb = _kernels("irb")
     B, H, W, HD = u.shape
     with _gpu_tiles():
-        rh, rw, _, bk, _, tiles_h, tiles_w, _, splits = irb._dgrad_config(B, H, W, dv.shape[1], HD, u.device)
+        rh, rw, _, bk, _, tiles_h, tiles_w, _, splits = irb._dgrad_config(B, H, W, dv.shape[1], HD, u.device, wgrad)
     return B * tiles_h * tiles_w, rh * rw, splits, -(-HD // bk), bk
 
 
@@ -246,6 +246,26 @@ def _dgrad_extra(args, out) -> int:
     _, p, splits, chunks, bk = _dgrad_tiles(dv, u)
     acc = _acc_size(u)
     return 2 * splits * 10 * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+
+
+def _hidden_grads_extra(args, out) -> int:
+    """One launch of the dgrad kernel with the weight gradients (as :func:`_dgrad_extra`: dy and u from DRAM once,
+    du written once, the partials (splits, 11, HD), the da scratch tiles, the weight copy; x and the row statistics
+    once, their tiles shared by a split's hidden-chunk programs from L2), plus fc1's and fc2's fp32 partials
+    (splits, HD, C) each, updated in place in L1/L2 and charged once written, read by the fixed-order sum kernels,
+    fc2's bias partials (splits, C) and, with the layer scale's gradient, the row dots' partials; the (B, C)
+    drop-path factor; w2's copy in the hidden dtype when the parameters are wider (autocast)."""
+    irb = _kernels("irb")
+    dy, u, w2, wc, need_scale = args[0], args[1], args[5], args[6], args[13]
+    C, HD = dy.shape[1], u.shape[-1]
+    _, p, splits, chunks, bk = _dgrad_tiles(dy, u, True)
+    acc = _acc_size(u)
+    with _gpu_tiles():
+        sum_bk = irb._config("sum", 1, C, HD)[2]
+    extra = 2 * splits * 11 * HD * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+    extra += 2 * acc * (2 * splits * HD * C + splits * C + (-(-HD // sum_bk) * C if need_scale else 0))
+    extra += 2 * u.shape[0] * C * acc if args[9] is not None else 0
+    return extra + (2 * w2.numel() * u.element_size() if w2.dtype != u.dtype else 0)
 
 
 def _input_grad_extra(args, out) -> int:
@@ -307,6 +327,7 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::irb_dgrad": _dgrad_extra,
     "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_extra,
     "lrformer::irb_input_grad": _input_grad_extra,
+    "lrformer::irb_hidden_grads": _hidden_grads_extra,
 }
 
 
@@ -384,6 +405,17 @@ def _dgrad_flops(args, out) -> int:
     return 2 * tiles * p * C * HD + 2 * 2 * 9 * tiles * p * HD
 
 
+def _hidden_grads_flops(args, out) -> int:
+    """The dgrad kernel's (:func:`_dgrad_flops`) on its regions, plus fc1's and fc2's weight-gradient products and
+    fc2's depthwise input recomputed on every region pixel (halo included: 2 x 2 P C HD + 2 x 9 P HD a region) and
+    the layer scale's row dots (2 C HD)."""
+    dy, u = args[0], args[1]
+    tiles, p, _, _, _ = _dgrad_tiles(dy, u, True)
+    C, HD = dy.shape[1], u.shape[-1]
+    return (3 * 2 * tiles * p * C * HD + 3 * 2 * 9 * tiles * p * HD
+            + (2 * C * HD if args[13] else 0))
+
+
 def _irb_backward_flops(args, out) -> int:
     return _irb_backward_inner(args).flops
 
@@ -405,6 +437,7 @@ FUSED_FLOPS: Dict[str, Callable] = {
     "lrformer::irb_dgrad": _dgrad_flops,
     "lrformer::irb_fc1_weight_grad": _fc1_weight_grad_flops,
     "lrformer::irb_input_grad": _input_grad_flops,
+    "lrformer::irb_hidden_grads": _hidden_grads_flops,
 }
 
 
