@@ -149,6 +149,18 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+#: a grid whose programs each write fp32 partial sums (weight/bias gradients reduced over a map, summed afterwards
+#: in a fixed order) keeps their traffic (written and read) within this share of the bytes its op moves over the
+#: map: small maps with wide channels (the last stages, the pooled maps) get fewer, longer programs
+PARTIAL_TRAFFIC_SHARE = 0.125
+
+
+def partial_programs(wanted: int, partial_bytes: int, map_bytes: int) -> int:
+    """Programs of a partial-sum grid: ``wanted`` (occupancy), but no more than keep their partials
+    (``partial_bytes`` each, written and read once) within :data:`PARTIAL_TRAFFIC_SHARE` of ``map_bytes``; >= 1."""
+    return max(1, min(int(wanted), int(PARTIAL_TRAFFIC_SHARE * map_bytes) // (2 * max(1, int(partial_bytes)))))
+
+
 def device_guard(t: torch.Tensor):
     """Make ``t``'s CUDA device current for a launch (a no-op context off CUDA)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

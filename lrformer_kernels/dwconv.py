@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (cdiv, launch_options, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard, needs_int64,
-                      new_empty, next_pow2, num_sms, tl_acc, use_kernel)
+                      new_empty, next_pow2, num_sms, partial_programs, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -245,11 +245,15 @@ def _forward_config(x: torch.Tensor, gelu: bool):
 
 def _backward_config(x: torch.Tensor):
     """(BLOCK_P, BLOCK_C, iters, programs, num_warps) of the fused backward: a few programs per SM in
-    all, each walking ``iters`` pixel chunks, so the partial-sum buffer stays small."""
+    all, each walking ``iters`` pixel chunks, so the partial-sum buffer stays small: within
+    ``PARTIAL_TRAFFIC_SHARE`` of the backward's map traffic (dy and x read, dx written)."""
     block_p, block_c = _blocks(x, "bwd")
-    n_cblk = cdiv(x.shape[-1], block_c)
-    n_chunks = cdiv(x.shape[0] * x.shape[1] * x.shape[2], block_p)
-    target = max(1, (PROGRAMS_PER_SM * num_sms(x.device)) // n_cblk)
+    C = x.shape[-1]
+    n_cblk = cdiv(C, block_c)
+    n_pix = x.shape[0] * x.shape[1] * x.shape[2]
+    n_chunks = cdiv(n_pix, block_p)
+    target = partial_programs(max(1, (PROGRAMS_PER_SM * num_sms(x.device)) // n_cblk),
+                              10 * C * acc_dtype(x.dtype).itemsize, 3 * n_pix * C * x.element_size())
     iters = cdiv(n_chunks, target)
     return block_p, block_c, iters, cdiv(n_chunks, iters), 4
 

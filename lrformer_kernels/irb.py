@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ._common import (HAS_TRITON, acc_dtype, big_interpreter_tiles, cdiv, check_tensor, device_guard,
                       launch_options, layer_norm_backward_reference, layer_norm_from_statistics, layer_norm_statistics,
-                      needs_int64, new_empty, next_pow2, num_sms, tl_acc, use_kernel)
+                      needs_int64, new_empty, next_pow2, num_sms, partial_programs, tl_acc, use_kernel)
 from .dwconv import dwconv3x3_reference
 from .upsample_residual import branch_scale
 
@@ -495,12 +495,10 @@ GPU_CONFIG = {"fc1": (64, 64, 16, 8, 2), "fc2": (32, 64, 16, 8, 1), "dw2": (16, 
               "dw1": (32, 32, 64, 4, 1),
               "sum": (16, 32, 64, 4, 1)}   # the weight gradients' fixed-order partial sums (no GEMM: BLOCK_M unused)
 #: the split-M weight gradients: about this many programs per SM in all (each walks ``iters`` pixel chunks and
-#: writes one fp32 partial tile) ...
+#: writes one fp32 partial tile), while the partials' traffic (fp32, written and read: 8 n k bytes a split) stays
+#: within ``PARTIAL_TRAFFIC_SHARE`` of the GEMM operands' (M (n + k) 16-bit elements): a weight as large as the map
+#: it is reduced over (the last stages) gets one split, whose programs write the gradient itself, in its dtype
 PROGRAMS_PER_SM = 8
-#: ... while the partials' traffic (fp32, written and read: 8 n k bytes a split) stays within this share of the
-#: GEMM operands' (M (n + k) 16-bit elements): a weight as large as the map it is reduced over (the last stages)
-#: gets one split, whose programs write the gradient itself, in its dtype
-SPLIT_TRAFFIC_SHARE = 0.25
 
 
 def _config(kind: str, m: int, n: int, k: int):
@@ -517,12 +515,11 @@ def _config(kind: str, m: int, n: int, k: int):
 def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, iters, splits) of a split-M weight-gradient kernel ("dw2": n = C, k = HD;
     "dw1": n = HD, k = C): about ``PROGRAMS_PER_SM`` programs per SM in all, each walking ``iters`` pixel chunks,
-    as long as the partials' traffic stays within ``SPLIT_TRAFFIC_SHARE`` of the operands'."""
+    as long as the partials' traffic stays within ``PARTIAL_TRAFFIC_SHARE`` of the operands'."""
     bm, bn, bk, warps, _ = _config(kind, M, n, k)
     tiles = cdiv(n, bn) * cdiv(k, bk)
     chunks = cdiv(M, bm)
-    by_traffic = int(SPLIT_TRAFFIC_SHARE * M * (n + k) * 2) // (8 * n * k)
-    iters = cdiv(chunks, max(1, min(PROGRAMS_PER_SM * num_sms(device) // tiles, by_traffic)))
+    iters = cdiv(chunks, partial_programs(PROGRAMS_PER_SM * num_sms(device) // tiles, 4 * n * k, 2 * M * (n + k)))
     return bm, bn, bk, warps, iters, cdiv(chunks, iters)
 
 
@@ -559,6 +556,8 @@ DGRAD_CONFIG = {"cuda": (128, 16, 16, 32, 8), "cpu": (1024, 32, 128, 256, 4),
                 # with fc1's and fc2's weight gradients (WGRAD): 64-pixel regions (128 spill at 8 warps; 16 warps
                 # cannot hold the 240 registers), 16-channel chunks (32 spill in fp32 on sm_80 under Triton 3.6)
                 "cuda_wgrad": (64, 8, 16, 16, 8)}
+#: the dgrad kernel's programs per SM (two waves: the last one's ragged tail is short)
+DGRAD_PROGRAMS_PER_SM = 2
 #: the maps whose backward takes fc1's and fc2's weight gradients in the dgrad pass (:func:`irb_hidden_grads`: no
 #: separate passes over u and du, 4 HD bytes a pixel saved in 16-bit): at most this wide.  The pass's 8x8 regions
 #: recompute da and compute the two weight-gradient products on 64 pixels for 36 own ones, about 1.8 GEMMs of
@@ -569,9 +568,11 @@ WGRAD_MAX_C = 192
 
 def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device, wgrad: bool = False):
     """(RH, RW, BLOCK_C, BLOCK_K, warps, tiles_h, tiles_w, iters, splits) of the dgrad kernel: regions as wide
-    as the map allows (a one-pixel halo on each side), about ``PROGRAMS_PER_SM`` programs per SM in all; with
-    ``wgrad`` (the weight gradients' fp32 partials, 2 x 8 C HD bytes a split) no more splits than
-    ``SPLIT_TRAFFIC_SHARE`` of the two GEMMs' operand bytes allows."""
+    as the map allows (a one-pixel halo on each side), ``DGRAD_PROGRAMS_PER_SM`` programs per SM in all (a
+    program's ~240 registers x 256 threads hold an SM alone: more would only queue, each adding its scratch tile's
+    write-back and its partials); with ``wgrad`` (the weight gradients' fp32 partials, 2 x 8 C HD bytes a split)
+    one program per SM and no more splits than keep the partials within ``PARTIAL_TRAFFIC_SHARE`` of the two
+    GEMMs' operand bytes."""
     pixels, rw_max, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else
                                                  ("cuda_wgrad" if wgrad else "cuda")]
     rw = max(4, min(rw_max, next_pow2(W + 2)))
@@ -580,9 +581,9 @@ def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device,
     bk = max(16, min(bk, next_pow2(HD)))
     tiles_h, tiles_w = cdiv(H, rh - 2), cdiv(W, rw - 2)
     tiles = B * tiles_h * tiles_w
-    splits = max(1, PROGRAMS_PER_SM * num_sms(device) // cdiv(HD, bk))
+    splits = max(1, (1 if wgrad else DGRAD_PROGRAMS_PER_SM) * num_sms(device) // cdiv(HD, bk))
     if wgrad:
-        splits = max(1, min(splits, int(SPLIT_TRAFFIC_SHARE * B * H * W * (C + HD) * 2) // (8 * C * HD)))
+        splits = partial_programs(splits, 2 * 4 * C * HD, 2 * B * H * W * (C + HD) * 2)
     iters = cdiv(tiles, splits)
     return rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, cdiv(tiles, iters)
 

@@ -6,6 +6,7 @@ import torch
 
 from conftest import TOL, devices, dtypes_for, rel_err
 
+import lrformer_kernels._common as common
 import lrformer_kernels.dwconv as dw
 from lrformer_kernels import REFERENCE as ref
 from lrformer_kernels.dwconv import dwconv3x3
@@ -97,6 +98,7 @@ def test_many_programs_and_chunks(device, dtype, gelu, monkeypatch):
         monkeypatch.setitem(dw.MAX_BLOCK_C, key, 16)
     monkeypatch.setattr(dw, "num_sms", lambda device: 1)
     monkeypatch.setattr(dw, "PROGRAMS_PER_SM", 6)
+    monkeypatch.setattr(common, "PARTIAL_TRAFFIC_SHARE", 1e9)     # several programs on a tiny map
     # 24 pixels = 3 chunks, C = 40 = 3 channel blocks (ragged): 2 backward programs x 2 chunks each,
     # the last chunk entirely past the end.
     x, w, b = _inputs(2, 4, 3, 40, device, dtype, nchw=False, with_bias=True)
@@ -104,6 +106,24 @@ def test_many_programs_and_chunks(device, dtype, gelu, monkeypatch):
     monkeypatch.setattr(dw, "needs_int64", lambda *t: True)
     x, w, b = _inputs(1, 3, 4, 24, device, dtype, nchw=True, with_bias=True)
     _check(x, w, b, gelu, False, dtype, nchw_dy=True)
+
+
+def test_backward_partials_within_their_share(monkeypatch):
+    """The backward's grid on an H100 (132 SMs): a big map gets about ``PROGRAMS_PER_SM`` programs per SM; a small,
+    wide one (stage 4 at 512) fewer, keeping the fp32 partials (programs, 10, C), written and read, within
+    ``PARTIAL_TRAFFIC_SHARE`` of the backward's map traffic (dy, x, dx)."""
+    monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
+    monkeypatch.setattr(common, "DEFAULT_SMS", 132)
+    for shape in ((8, 128, 128, 64), (8, 16, 16, 512)):
+        x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        block_p, block_c, iters, programs, _ = dw._backward_config(x)
+        n_pix, C = x.numel() // shape[-1], shape[-1]
+        assert programs * iters * block_p >= n_pix and (programs - 1) * iters * block_p < n_pix
+        assert 2 * programs * 10 * C * 4 <= common.PARTIAL_TRAFFIC_SHARE * 3 * x.numel() * 2
+        if shape[1] == 128:
+            assert programs * (C // block_c) >= 4 * 132              # occupancy where the map allows
+        else:
+            assert programs < dw.PROGRAMS_PER_SM * 132 // (C // block_c)   # capped by the partials' share
 
 
 @pytest.mark.parametrize("device", devices())

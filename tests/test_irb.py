@@ -148,7 +148,7 @@ def test_fc2_weight_grad_op(monkeypatch, scaled, splits):
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
+    monkeypatch.setattr(common, "PARTIAL_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
     B, H, W, C, HD = 3, 9, 13, 40, 80
     f64 = dict(dtype=torch.float64)
     dy = torch.randn(B * H * W, C, **f64)
@@ -212,7 +212,7 @@ def test_hidden_grads_op(monkeypatch, splits):
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
+    monkeypatch.setattr(common, "PARTIAL_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
     F = torch.nn.functional
     f64 = dict(dtype=torch.float64)
     for (B, H, W, C, HD), ln, scaled, dropped in (((2, 13, 11, 40, 48), True, True, True),
@@ -304,7 +304,7 @@ def test_fc1_weight_grad_op(monkeypatch, ln, splits):
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)
     monkeypatch.setattr(common, "DEFAULT_SMS", 132)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(mod, "SPLIT_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
+    monkeypatch.setattr(common, "PARTIAL_TRAFFIC_SHARE", 0.0 if splits == "one" else 1e9)
     B, H, W, C, HD = 2, 9, 13, 80, 48
     x = 2 + 3 * torch.randn(B, H, W, C, dtype=torch.float64)
     du = torch.randn(B * H * W, HD, dtype=torch.float64)

@@ -27,8 +27,10 @@ from typing import Callable, List
 import torch
 from torch.utils._pytree import tree_map
 
+#: the modelled device's SM count (an H100 SXM), also the fused ops' launch grids in the traffic model
+MODEL_SMS = 132
 _PROPS = types.SimpleNamespace(
-    name="modelled CUDA device (sm_90, 132 SMs)", major=9, minor=0, multi_processor_count=132,
+    name=f"modelled CUDA device (sm_90, {MODEL_SMS} SMs)", major=9, minor=0, multi_processor_count=MODEL_SMS,
     total_memory=80 << 30, regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
     max_threads_per_block=1024, warp_size=32, shared_memory_per_block_optin=232448, L2_cache_size=50 << 20,
     gcnArchName="")

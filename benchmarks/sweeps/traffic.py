@@ -462,14 +462,17 @@ def op_flops(func, args, kwargs, out) -> int:
 
 @contextlib.contextmanager
 def _gpu_tiles():
-    """The CUDA dispatch's tile choices even under the interpreter (the fused extras depend on them)."""
+    """The CUDA dispatch's tile and grid choices for the modelled device (its SM count sets the split-M and
+    per-program partials), even under the interpreter (the fused extras depend on them)."""
     import lrformer_kernels._common as common
-    old = common.INTERPRETER_BIG_TILES
-    common.INTERPRETER_BIG_TILES = False
+
+    from .inductor import MODEL_SMS
+    old = common.INTERPRETER_BIG_TILES, common.DEFAULT_SMS
+    common.INTERPRETER_BIG_TILES, common.DEFAULT_SMS = False, MODEL_SMS
     try:
         yield
     finally:
-        common.INTERPRETER_BIG_TILES = old
+        common.INTERPRETER_BIG_TILES, common.DEFAULT_SMS = old
 
 
 # ------------------------------------------------------------------------------------- the counter
