@@ -828,8 +828,9 @@ def _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, no
     and bias gradients and the layer scale's (:func:`irb_fc2_weight_grad`: its input recomputed from u, the fc2
     output never stored), the weight gradients written in the parameters' dtype by their kernels, the backward
     through the depthwise conv (:func:`irb_dgrad`: da never stored), the normalised input recomputed from x and the saved
-    statistics inside fc1's weight-gradient kernel, the LayerNorm backward and the residual's dy in the epilogue
-    of the input-gradient GEMM (:func:`irb_input_grad`)."""
+    statistics inside fc1's weight-gradient kernel (maps up to ``WGRAD_MAX_C`` wide: all three in one pass over
+    u, :func:`irb_hidden_grads`), the LayerNorm backward and the residual's dy in the epilogue of the
+    input-gradient GEMM (:func:`irb_input_grad`)."""
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
