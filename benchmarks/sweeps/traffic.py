@@ -242,10 +242,16 @@ def _dgrad_extra(args, out) -> int:
     written once; the per-program fp32 partials (splits, 10, HD) written and read by the fixed-order sum;
     each program's da scratch tile is rewritten per tile in L1/L2, charged once (its write-back); the (9, HD)
     weight copy."""
-    dv, u, wc = args[0], args[1], args[3]
-    _, p, splits, chunks, bk = _dgrad_tiles(dv, u)
+    return _dgrad_launch_extra(args[0], args[1], args[3], False)
+
+
+def _dgrad_launch_extra(dv, u, wc, wgrad: bool) -> int:
+    """The dgrad kernel's bytes beyond its operands and outputs: the per-program fp32 partials (splits, 10, HD) (11
+    rows with ``wgrad``: fc1's bias) written and read, one scratch-tile write-back per program, the weight copy."""
+    _, p, splits, chunks, bk = _dgrad_tiles(dv, u, wgrad)
     acc = _acc_size(u)
-    return 2 * splits * 10 * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+    rows = 11 if wgrad else 10
+    return 2 * splits * rows * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
 
 
 def _hidden_grads_extra(args, out) -> int:
@@ -258,11 +264,11 @@ def _hidden_grads_extra(args, out) -> int:
     irb = _kernels("irb")
     dy, u, w2, wc, need_scale = args[0], args[1], args[5], args[6], args[13]
     C, HD = dy.shape[1], u.shape[-1]
-    _, p, splits, chunks, bk = _dgrad_tiles(dy, u, True)
+    splits = _dgrad_tiles(dy, u, True)[2]
     acc = _acc_size(u)
     with _gpu_tiles():
         sum_bk = irb._config("sum", 1, C, HD)[2]
-    extra = 2 * splits * 11 * HD * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+    extra = _dgrad_launch_extra(dy, u, wc, True)
     extra += 2 * acc * (2 * splits * HD * C + splits * C + (-(-HD // sum_bk) * C if need_scale else 0))
     extra += 2 * u.shape[0] * C * acc if args[9] is not None else 0
     return extra + (2 * w2.numel() * u.element_size() if w2.dtype != u.dtype else 0)
@@ -399,21 +405,24 @@ def _input_grad_flops(args, out) -> int:
 def _dgrad_flops(args, out) -> int:
     """da = dv w2 on every region, halo and the region's part off the map included (2 P C HD per region), the
     transposed depthwise conv and the weight taps (2 x 2 x 9 per region element)."""
-    dv, u = args[0], args[1]
-    tiles, p, _, _, _ = _dgrad_tiles(dv, u)
+    return _dgrad_launch_flops(args[0], args[1], False)
+
+
+def _dgrad_launch_flops(dv, u, wgrad: bool) -> int:
+    """:func:`_dgrad_flops` on the kernel's regions; with ``wgrad`` also fc1's and fc2's weight-gradient products
+    and fc2's depthwise input recomputed on every region pixel (halo included: 2 x 2 P C HD + 2 x 9 P HD a
+    region)."""
+    tiles, p, _, _, _ = _dgrad_tiles(dv, u, wgrad)
     C, HD = dv.shape[1], u.shape[-1]
-    return 2 * tiles * p * C * HD + 2 * 2 * 9 * tiles * p * HD
+    flops = 2 * tiles * p * C * HD + 2 * 2 * 9 * tiles * p * HD
+    return flops + (2 * 2 * tiles * p * C * HD + 2 * 9 * tiles * p * HD if wgrad else 0)
 
 
 def _hidden_grads_flops(args, out) -> int:
-    """The dgrad kernel's (:func:`_dgrad_flops`) on its regions, plus fc1's and fc2's weight-gradient products and
-    fc2's depthwise input recomputed on every region pixel (halo included: 2 x 2 P C HD + 2 x 9 P HD a region) and
-    the layer scale's row dots (2 C HD)."""
+    """The dgrad kernel's with the weight gradients (:func:`_dgrad_launch_flops`) and the layer scale's row dots
+    (2 C HD)."""
     dy, u = args[0], args[1]
-    tiles, p, _, _, _ = _dgrad_tiles(dy, u, True)
-    C, HD = dy.shape[1], u.shape[-1]
-    return (3 * 2 * tiles * p * C * HD + 3 * 2 * 9 * tiles * p * HD
-            + (2 * C * HD if args[13] else 0))
+    return _dgrad_launch_flops(dy, u, True) + (2 * dy.shape[1] * u.shape[-1] if args[13] else 0)
 
 
 def _irb_backward_flops(args, out) -> int:
