@@ -185,6 +185,31 @@ def _dwconv_bytes(gelu: bool):
     return nbytes
 
 
+def _dwconv_pool(s, h, w):
+    """An encoder block's CPE + norm1 + LRSA pooling (``dwconv3x3_pyramid_pool``): outputs (y, pooled)."""
+    C = S_DIMS[s - 1]
+    grids = K.lrsa_grids(h, w)
+
+    def inputs(cfg, B, dt, grad, i):
+        g = _gen(cfg, i)
+        wt = (_randn((C, 1, 3, 3), cfg, dt, False, g) / 3).requires_grad_(grad)
+        nw = (1 + _randn((C,), cfg, dt, False, g) / 10).requires_grad_(grad)
+        return (_randn((B, h, w, C), cfg, dt, grad, g), wt, _randn((C,), cfg, dt, grad, g), nw,
+                _randn((C,), cfg, dt, grad, g))
+    return (lambda x, wt, b, nw, nb: K.dwconv3x3_pyramid_pool_reference(x, wt, b, grids, nw, nb),
+            lambda x, wt, b, nw, nb: K.dwconv3x3_pyramid_pool(x, wt, b, grids, nw, nb), inputs)
+
+
+def _dwconv_pool_bytes(B, h, w, s, esize, mode):
+    """fwd: read x (B H W C) and the parameters (12 C), write y (B H W C) and the grids (B N C); bwd: read dy,
+    dpooled and x, write dx and the parameters' gradients."""
+    C = S_DIMS[s - 1]
+    _, nq, m = _grid_counts(h, w)
+    hw_, pooled = B * h * w * C, B * (nq + m) * C
+    fwd = (2 * hw_ + pooled + 12 * C) * esize
+    return fwd if mode == "fwd" else fwd + (3 * hw_ + pooled + 12 * C) * esize
+
+
 def _hrca(s, h, w):
     C, heads, nq, ws = HRCA["C"], HRCA["heads"], HRCA["nq"], HRCA["window"]
     n_win, k, _ = hrca_dims(h, w)
@@ -414,6 +439,7 @@ OPS: Dict[str, OpEntry] = {e.name: e for e in (
     OpEntry("upsample_residual", lambda s: S_DIMS[s - 1], _upsample_residual, _upsample_residual_bytes),
     OpEntry("dwconv_cpe", _dwconv_channels(False), _dwconv(False), _dwconv_bytes(False)),
     OpEntry("dwconv_irb", _dwconv_channels(True), _dwconv(True), _dwconv_bytes(True)),
+    OpEntry("dwconv_pyramid_pool", lambda s: S_DIMS[s - 1], _dwconv_pool, _dwconv_pool_bytes),
     OpEntry("irb", lambda s: S_DIMS[s - 1], _irb, _irb_bytes, _irb_flops),
     OpEntry("hrca_attention", lambda s: HRCA["C"], _hrca, _hrca_bytes, _hrca_flops, cuda_stage1_only=True,
             shape_note=lambda h, w: "_Nq{}_K{}_ws{}".format(HRCA["nq"], hrca_dims(h, w)[1], HRCA["window"])),

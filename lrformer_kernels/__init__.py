@@ -7,6 +7,7 @@ kernels under ``TRITON_INTERPRET=1``), each with its reference ``<op>_reference`
 * :func:`lowres_attention` — multi-head softmax attention over the low-resolution tokens;
 * :func:`upsample_residual` — ``x + layer_scale * drop_path_keep * bilinear(low)``;
 * :func:`dwconv3x3` — depthwise 3x3 conv + bias (+ GELU first) (+ residual);
+* :func:`dwconv3x3_pyramid_pool` — a block's CPE (depthwise conv + residual) and its LRSA's pooling of norm1 of it;
 * :func:`irb` — a block's IRB branch: LayerNorm, fc1, GELU, depthwise conv, fc2, layer scale, drop path, residual;
 * :func:`hrca_attention` — cross-attention over per-query windows of a high-resolution map;
 * :func:`ms_deform_attn` — multi-scale deformable attention's bilinear sampling (the pixel decoders);
@@ -42,11 +43,12 @@ Adding an op
 from . import compat
 from .backend import FUSED, REFERENCE, Fusable, Ops
 from .dwconv import dwconv3x3, dwconv3x3_reference
+from .dwconv_pyramid_pool import dwconv3x3_pyramid_pool, dwconv3x3_pyramid_pool_reference
 from .fuse import fuse, unfuse
 from .irb import irb, irb_reference
 from .hrca import hrca_attention, hrca_attention_reference, hrca_window_grid, hrca_window_pixels
 from .lowres_attention import lowres_attention, lowres_attention_reference
-from .lrsa import lrsa_low
+from .lrsa import lrsa_low, lrsa_pooled
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from .pyramid_pool import (adaptive_avg_pool, lrsa_grids, pool_grid, pyramid_pool, pyramid_pool_reference, pyramid_sizes,
                            split_pyramid)
@@ -56,7 +58,8 @@ from .upsampled_cross_entropy import upsampled_cross_entropy, upsampled_cross_en
 
 __all__ = ["pyramid_pool", "pyramid_pool_reference", "adaptive_avg_pool", "split_pyramid", "pool_grid", "pyramid_sizes", "lrsa_grids",
            "lowres_attention", "lowres_attention_reference", "upsample_residual", "upsample_residual_reference",
-           "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "irb", "irb_reference", "hrca_attention",
-           "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low", "ms_deform_attn",
+           "bilinear_resize", "branch_scale", "dwconv3x3", "dwconv3x3_reference", "dwconv3x3_pyramid_pool",
+           "dwconv3x3_pyramid_pool_reference", "irb", "irb_reference", "hrca_attention",
+           "hrca_attention_reference", "hrca_window_grid", "hrca_window_pixels", "lrsa_low", "lrsa_pooled", "ms_deform_attn",
            "ms_deform_attn_reference", "upsampled_cross_entropy", "upsampled_cross_entropy_reference",
            "Ops", "REFERENCE", "FUSED", "Fusable", "fuse", "unfuse", "FusedPoolingAttention", "FusedIRB"]

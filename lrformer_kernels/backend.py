@@ -12,6 +12,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from .dwconv import dwconv3x3, dwconv3x3_reference
+from .dwconv_pyramid_pool import dwconv3x3_pyramid_pool, dwconv3x3_pyramid_pool_reference
 from .hrca import hrca_attention, hrca_attention_reference
 from .irb import irb, irb_reference
 from .lowres_attention import lowres_attention, lowres_attention_reference
@@ -24,7 +25,7 @@ __all__ = ["Ops", "REFERENCE", "FUSED", "Fusable", "OP_NAMES"]
 
 #: the ops every backend provides
 OP_NAMES = ("pyramid_pool", "lowres_attention", "upsample_residual", "dwconv3x3", "hrca_attention", "ms_deform_attn",
-            "upsampled_cross_entropy", "irb")
+            "upsampled_cross_entropy", "irb", "dwconv3x3_pyramid_pool")
 
 
 class Ops:
@@ -46,10 +47,12 @@ class Ops:
 REFERENCE = Ops("reference", pyramid_pool=pyramid_pool_reference, lowres_attention=lowres_attention_reference,
                 upsample_residual=upsample_residual_reference, dwconv3x3=dwconv3x3_reference,
                 hrca_attention=hrca_attention_reference, ms_deform_attn=ms_deform_attn_reference,
-                upsampled_cross_entropy=upsampled_cross_entropy_reference, irb=irb_reference)
+                upsampled_cross_entropy=upsampled_cross_entropy_reference, irb=irb_reference,
+                dwconv3x3_pyramid_pool=dwconv3x3_pyramid_pool_reference)
 FUSED = Ops("fused", pyramid_pool=pyramid_pool, lowres_attention=lowres_attention,
             upsample_residual=upsample_residual, dwconv3x3=dwconv3x3, hrca_attention=hrca_attention,
-            ms_deform_attn=ms_deform_attn, upsampled_cross_entropy=upsampled_cross_entropy, irb=irb)
+            ms_deform_attn=ms_deform_attn, upsampled_cross_entropy=upsampled_cross_entropy, irb=irb,
+            dwconv3x3_pyramid_pool=dwconv3x3_pyramid_pool)
 
 
 class Fusable:

@@ -98,11 +98,13 @@ if HAS_TRITON:
         return b, h, w, pmask, rt, rb, wl, wr
 
     @triton.jit
-    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, C,
-                           sxb, sxh, sxw, sxc,
+    def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, H, W, C,
+                           sxb, sxh, sxw, sxc, eps,
                            HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                           INT64: tl.constexpr, ACC: tl.constexpr,
+                           STATS: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """y's tile; with ``STATS`` (whole rows: BLOCK_C >= C) also the LayerNorm statistics (mean, 1/std) of each
+        pixel's row of y as stored (rounded to y's dtype), two passes over the tile in registers."""
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         if INT64:  # also the channel offsets: cs * stride_c alone may pass 2**31 (NCHW views)
@@ -125,7 +127,14 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :]
         out = idx[:, None] * C + cs[None, :]
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+        yv = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + out, yv, mask=pmask[:, None] & cmask[None, :])
+        if STATS:
+            yv = tl.where(cmask[None, :], yv.to(ACC), 0.0)
+            mean = tl.sum(yv, axis=1) / C
+            d = tl.where(cmask[None, :], yv - mean[:, None], 0.0)
+            tl.store(mean_ptr + idx, mean, mask=pmask)
+            tl.store(rstd_ptr + idx, 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps), mask=pmask)
 
     @triton.jit
     def _dwconv_bwd_kernel(dy_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, N, H, W, C, iters,
@@ -229,18 +238,19 @@ MAX_BLOCK_C = {"fwd": 128, "bwd": 64}
 PROGRAMS_PER_SM = 8
 
 
-def _blocks(x: torch.Tensor, kind: str):
+def _blocks(x: torch.Tensor, kind: str, whole_rows: bool = False):
     C = x.shape[-1]
-    block_c = min(next_pow2(C), MAX_BLOCK_C[kind])
+    block_c = next_pow2(C) if whole_rows else min(next_pow2(C), MAX_BLOCK_C[kind])
     elems = TILE_ELEMS[("cpu" if big_interpreter_tiles() else "cuda", kind)]
     n_pix = x.shape[0] * x.shape[1] * x.shape[2]
     block_p = min(next_pow2(max(1, elems // block_c)), next_pow2(n_pix))
     return block_p, block_c
 
 
-def _forward_config(x: torch.Tensor, gelu: bool):
-    """(BLOCK_P, BLOCK_C, num_warps) of the forward kernel (see :data:`TILE_ELEMS`)."""
-    return (*_blocks(x, "fwd"), 8 if gelu else 4)
+def _forward_config(x: torch.Tensor, gelu: bool, stats: bool = False):
+    """(BLOCK_P, BLOCK_C, num_warps) of the forward kernel (see :data:`TILE_ELEMS`); with the LayerNorm
+    statistics, whole rows (BLOCK_C >= C, fewer pixels: the same elements per tile)."""
+    return (*_blocks(x, "fwd", stats), 8 if gelu else 4)
 
 
 def _backward_config(x: torch.Tensor):
@@ -261,20 +271,24 @@ def _backward_config(x: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------------------------
-def _forward_triton(x, weight, bias, gelu, residual):
+def _forward_triton(x, weight, bias, gelu, residual, stats_eps: Optional[float] = None):
+    """y; with ``stats_eps``, (y, mean, 1/std): the LayerNorm statistics of y's pixels (B, H, W) in the math
+    dtype, computed in the epilogue from whole rows."""
     B, H, W, C = x.shape
     N = B * H * W
     y = new_empty((B, H, W, C), x.dtype, x.device)
+    stats = stats_eps is not None
+    mean, rstd = ((new_empty((B, H, W), acc_dtype(x.dtype), x.device) for _ in range(2)) if stats else (y, y))
     w9 = weight.reshape(C, 9).t().contiguous()  # (9, C): channel-contiguous taps
     b = bias.contiguous() if bias is not None else w9  # dummy pointer when no bias
-    block_p, block_c, warps = _forward_config(x, gelu)
+    block_p, block_c, warps = _forward_config(x, gelu, stats)
     grid = (cdiv(N, block_p), cdiv(C, block_c))
     with device_guard(x):
         _dwconv_fwd_kernel[grid](
-            x, w9, b, y, N, H, W, C, *x.stride(),
-            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, INT64=needs_int64(x, y),
+            x, w9, b, y, mean, rstd, N, H, W, C, *x.stride(), float(stats_eps or 0.0),
+            HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual, STATS=stats, INT64=needs_int64(x, y),
             ACC=tl_acc(x.dtype), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, **launch_options())
-    return y
+    return (y, mean, rstd) if stats else y
 
 
 def _backward_triton(dy, x, weight, bias, gelu, residual):
@@ -398,6 +412,22 @@ _dwconv3x3_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
+def check_conv_parameters(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          names=("weight", "bias")) -> None:
+    """Raise a one-line error unless ``weight`` (C, 1, 3, 3) and ``bias`` (C,) or None fit x (B, H, W, C): x's dtype,
+    or float32 with a float16/bfloat16 x (autocast), on x's device."""
+    C = x.shape[-1]
+    param_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    check_tensor(weight, names[0], dtypes=param_dtypes, device=x.device)
+    if tuple(weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f"{names[0]} must have shape (C, 1, 3, 3) = {(C, 1, 3, 3)} for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias, names[1], dtypes=param_dtypes, device=x.device)
+        if tuple(bias.shape) != (C,):
+            raise ValueError(f"{names[1]} must have shape (C,) = {(C,)}, got {tuple(bias.shape)}")
+
+
 def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
               gelu: bool = False, residual: bool = True) -> torch.Tensor:
     """Depthwise 3x3 conv (padding 1) + bias of a tokens-last map, fused with GELU / residual.
@@ -413,16 +443,7 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     bias; the backward is always deterministic (per-program partial sums + fixed-order reduction).
     """
     check_tensor(x, "x", ndim=4)
-    C = x.shape[-1]
-    param_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
-    check_tensor(weight, "weight", dtypes=param_dtypes, device=x.device)
-    if tuple(weight.shape) != (C, 1, 3, 3):
-        raise ValueError(f"weight must have shape (C, 1, 3, 3) = {(C, 1, 3, 3)} for x of shape "
-                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor(bias, "bias", dtypes=param_dtypes, device=x.device)
-        if tuple(bias.shape) != (C,):
-            raise ValueError(f"bias must have shape (C,) = {(C,)}, got {tuple(bias.shape)}")
+    check_conv_parameters(x, weight, bias)
     if not isinstance(gelu, bool):
         raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
     if not isinstance(residual, bool):

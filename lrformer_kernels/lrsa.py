@@ -3,7 +3,8 @@
 :func:`lrsa_low` is the LRSA up to its low-resolution output, written once for the reference model
 (:class:`lrformer.models.layers.LRSA`) and for the released-code patches (:mod:`lrformer_kernels.released`):
 one pyramid-pooling call feeds the queries and all key/value levels (tokens-last, no copies besides
-the kv concatenation of the encoder's refined levels).
+the kv concatenation of the encoder's refined levels); :func:`lrsa_pooled` is the rest of it from the pooled
+grids, for an encoder block whose CPE op pools them (:func:`~lrformer_kernels.dwconv3x3_pyramid_pool`).
 """
 from __future__ import annotations
 
@@ -16,25 +17,28 @@ import torch.nn.functional as F
 from .backend import Ops
 from .pyramid_pool import split_pyramid
 
-__all__ = ["lrsa_low"]
+__all__ = ["lrsa_low", "lrsa_pooled"]
 
 
 def lrsa_low(ops: Ops, x: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
              norm: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, scale: float,
-             d_convs: Optional[Sequence[nn.Module]] = None, in_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+             d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
     """LRSA of a normalised map x (B, H, W, C) up to the low-resolution branch (B, hq, wq, C).
 
     grids: ``[query grid, kv grids...]``; q_weight/q_bias: the query projection as a matrix;
     norm/kv/proj: the attention's LayerNorm, kv Linear and output Linear; d_convs: the encoder's
-    depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead); in_norm: the block's
-    LayerNorm (norm1) when x is not normalised yet: the pooling normalises it (the normalised map, read only
-    by the pooling, is never materialised).
+    depthwise convs refining each pooled kv level (``m + conv(m)``), or None (LRHead).
     """
-    B, H, W, C = x.shape
-    if in_norm is not None:                                 # (B, Nq + M, C), one call
-        pooled = ops.pyramid_pool(x, grids, in_norm.weight, in_norm.bias, in_norm.eps)
-    else:
-        pooled = ops.pyramid_pool(x, grids)
+    return lrsa_pooled(ops, ops.pyramid_pool(x, grids), grids, q_weight, q_bias, norm, kv, proj, num_heads, scale,
+                       d_convs)
+
+
+def lrsa_pooled(ops: Ops, pooled: torch.Tensor, grids, q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
+                norm: nn.Module, kv: nn.Module, proj: nn.Module, num_heads: int, scale: float,
+                d_convs: Optional[Sequence[nn.Module]] = None) -> torch.Tensor:
+    """:func:`lrsa_low` from the map's pooled grids (B, Nq + M, C) (one ``pyramid_pool`` result, e.g. of an
+    encoder block's ``dwconv3x3_pyramid_pool``, which pools its norm1 of the CPE's output)."""
+    B, C = pooled.shape[0], pooled.shape[-1]
     # views by one split each (their backward is one concatenation, where slices would each build a
     # zero-filled full-size gradient and add them up)
     hq, wq = grids[0]

@@ -41,14 +41,16 @@ no atomics, no full-resolution intermediate besides grad_x.  The backward op is 
 differentiable (its gradient is the forward pool), so double backward works.
 
 With a LayerNorm (an encoder block's norm1, read by nothing but this pooling): ``pyramid_pool(x, grids, w, b,
-eps)`` pools ``layer_norm(x)`` without materialising it.  Forward: ``_ln_stats_kernel`` writes each pixel's
+eps)`` pools ``layer_norm(x)`` without materialising it (the encoder's blocks take the statistics from their CPE's
+conv instead, and y's other gradient into the backward: :mod:`.dwconv_pyramid_pool`).  Forward: ``_ln_stats_kernel`` writes each pixel's
 mean and 1/std (fp32, 8 bytes a pixel), then the pooling kernel normalises each pixel as it loads it and applies
 w and b to the cell means (pooling is linear): x read twice, where LayerNorm + pool read it twice and write and
 read the normalised map once more.  Backward (``_pyramid_pool_ln_bwd_kernel``): a program owns whole rows
 (BLOCK_C >= C) of a block of pixels, gathers d(normalised x) from every grid as above and runs the LayerNorm
 backward in registers (xhat recomputed from x and the statistics): dx written once; the LayerNorm's weight and
 bias gradients as per-program fp32 partials summed in a fixed order (a program walks several pixel blocks, so
-the partials stay a small fraction of the map).  Not twice differentiable.
+the partials stay a small fraction of the map: within ``PARTIAL_TRAFFIC_SHARE`` of its bytes).  Not twice
+differentiable.
 
 Offsets are int64 when ``needs_int64`` says a tensor spans 2**31 elements, int32 otherwise.
 Off-GPU without ``TRITON_INTERPRET=1`` the ops run the PyTorch reference instead.
@@ -63,7 +65,7 @@ from torch import Tensor
 
 from ._common import (cdiv, launch_options, FLOAT_DTYPES, HAS_TRITON, acc_dtype, big_interpreter_tiles, check_tensor, device_guard,
                       layer_norm_backward_reference, layer_norm_from_statistics, layer_norm_statistics, needs_int64,
-                      new_empty, next_pow2, num_sms, tl_acc, use_kernel)
+                      new_empty, next_pow2, num_sms, partial_programs, tl_acc, use_kernel)
 
 if HAS_TRITON:
     import triton
@@ -313,18 +315,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _pyramid_pool_ln_bwd_kernel(
-        g_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, gx_ptr, part_ptr,
+        g_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, gin_ptr, gx_ptr, part_ptr,
         N_PIX, H, W, C, iters,
-        sgb, sgn, sgc, sxb, sxh, sxw, sxc,
+        sgb, sgn, sgc, sxb, sxh, sxw, sxc, sib, sih, siw, sic,
         G0H, G0W, G1H, G1W, G2H, G2W, G3H, G3W, G4H, G4W, G5H, G5W, G6H, G6W, G7H, G7W,
         NUM_GRIDS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr, INT64: tl.constexpr,
+        ACC: tl.constexpr, INT64: tl.constexpr, GRAD_IN: tl.constexpr,
     ):
         """The backward of pyramid_pool(layer_norm(x)): per pixel, d(normalised x) gathered from every grid's
         cells over whole rows (BLOCK_C >= C), then the LayerNorm backward (xhat recomputed from x and the saved
         statistics, the row reductions in registers): dx written once, the normalised map never stored.  A
         program walks ``iters`` pixel blocks (of any samples) and writes one fp32 partial row pair of the
-        LayerNorm's weight and bias gradients, summed over the programs afterwards in a fixed order."""
+        LayerNorm's weight and bias gradients, summed over the programs afterwards in a fixed order.  ``GRAD_IN``:
+        x's gradient from its other uses (``gin``, any strides) is added to dx as it is written."""
         pid = tl.program_id(0)
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
@@ -356,6 +359,9 @@ if HAS_TRITON:
             acc_w += tl.sum(acc * xhat, axis=0)              # acc is 0 off the map and past C
             acc_b += tl.sum(acc, axis=0)
             dx = layer_norm_backward_rows(acc, xhat, rs, gam, C)
+            if GRAD_IN:
+                dx += tl.load(gin_ptr + (b * sib + h * sih + w * siw)[:, None] + offs_c[None, :] * sic, mask=m2,
+                              other=0.0).to(ACC)
             tl.store(gx_ptr + p[:, None] * C + offs_c[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
         tl.store(part_ptr + pid * 2 * C + offs_c, acc_w, mask=mask_c)
         tl.store(part_ptr + pid * 2 * C + C + offs_c, acc_b, mask=mask_c)
@@ -425,16 +431,18 @@ def _stats_config(C: int, n_pix: int):
 LN_PROGRAMS_PER_SM, LN_MIN_ITERS = 8, 8
 
 
-def _ln_backward_config(C: int, n_pix: int, device: torch.device, int64: bool = False):
+def _ln_backward_config(C: int, n_pix: int, elem_size: int, device: torch.device, int64: bool = False):
     """(BLOCK_P, BLOCK_C, iters, programs) of the LayerNorm'd backward: whole rows (BLOCK_C >= C), ~1K elements
-    per tile on a GPU as the plain backward (the grids' gathers are unrolled)."""
+    per tile on a GPU as the plain backward (the grids' gathers are unrolled); the programs' partials within
+    ``PARTIAL_TRAFFIC_SHARE`` of the map's bytes (x read, dx written)."""
     block_c = next_pow2(C)
     if big_interpreter_tiles():
         block_p = max(1, min(16384 // block_c, next_pow2(n_pix)))
     else:
         block_p = max(1, min((512 if int64 else 1024) // block_c, next_pow2(n_pix)))
     blocks = cdiv(n_pix, block_p)
-    programs = max(1, min(LN_PROGRAMS_PER_SM * num_sms(device), blocks // LN_MIN_ITERS))
+    programs = partial_programs(min(LN_PROGRAMS_PER_SM * num_sms(device), blocks // LN_MIN_ITERS),
+                                2 * C * max(4, elem_size), 2 * n_pix * C * elem_size)   # fp32 (fp64) partials
     iters = cdiv(blocks, programs)
     return block_p, block_c, iters, cdiv(blocks, iters)
 
@@ -495,19 +503,22 @@ def _backward_triton(grad: Tensor, pairs, H: int, W: int) -> Tensor:
     return gx
 
 
-def _ln_backward_triton(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, pairs):
-    """(dx, d_weight, d_bias) of pyramid_pool(layer_norm(x)); the LayerNorm's gradients in the math dtype."""
+def _ln_backward_triton(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, pairs,
+                        grad_in: Optional[Tensor] = None):
+    """(dx, d_weight, d_bias) of pyramid_pool(layer_norm(x)), plus ``grad_in`` (x's gradient from its other uses)
+    in dx when given; the LayerNorm's gradients in the math dtype."""
     B, H, W, C = x.shape
     acc = acc_dtype(x.dtype)
     gx = new_empty((B, H, W, C), x.dtype, x.device)
-    int64 = needs_int64(grad, x, gx) or _index_int64(pairs, H, W)
-    block_p, block_c, iters, programs = _ln_backward_config(C, B * H * W, x.device, int64)
+    gin = grad_in if grad_in is not None else x
+    int64 = needs_int64(grad, x, gx, gin) or _index_int64(pairs, H, W)
+    block_p, block_c, iters, programs = _ln_backward_config(C, B * H * W, x.element_size(), x.device, int64)
     part = new_empty((programs, 2, C), acc, x.device)
     with device_guard(x):
         _pyramid_pool_ln_bwd_kernel[(programs,)](
-            grad, x, mean, rstd, weight, gx, part, B * H * W, H, W, C, iters, *grad.stride(), *x.stride(),
-            *_grid_args(pairs), NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c, ACC=tl_acc(x.dtype),
-            INT64=int64, num_warps=4, **launch_options())
+            grad, x, mean, rstd, weight, gin, gx, part, B * H * W, H, W, C, iters, *grad.stride(), *x.stride(),
+            *gin.stride(), *_grid_args(pairs), NUM_GRIDS=len(pairs), BLOCK_P=block_p, BLOCK_C=block_c,
+            ACC=tl_acc(x.dtype), INT64=int64, GRAD_IN=grad_in is not None, num_warps=4, **launch_options())
     return gx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic
 
 
@@ -736,6 +747,12 @@ def pyramid_pool(x: Tensor, grids: Sequence[Sequence[int]], norm_weight: Optiona
     flat = _check_grids(grids)
     if norm_weight is None and norm_bias is None:
         return _pyramid_pool_op(x, flat)
+    check_layer_norm(x, norm_weight, norm_bias, eps)
+    return _ln_pool_op(x, flat, norm_weight, norm_bias, float(eps))[0]
+
+
+def check_layer_norm(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float) -> None:
+    """Raise a one-line error unless ``norm_weight``/``norm_bias`` (C,) and ``eps`` > 0 make a LayerNorm of x's C."""
     if norm_weight is None or norm_bias is None:
         raise ValueError("norm_weight and norm_bias go together (a LayerNorm with both, or neither)")
     C = x.shape[-1]
@@ -746,7 +763,6 @@ def pyramid_pool(x: Tensor, grids: Sequence[Sequence[int]], norm_weight: Optiona
                          f"{tuple(norm_bias.shape)}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    return _ln_pool_op(x, flat, norm_weight, norm_bias, float(eps))[0]
 
 
 def split_pyramid(out: Tensor, grids: Sequence[Sequence[int]]) -> List[Tensor]:

@@ -58,6 +58,11 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
         ("pyramid_pool (norm1)", lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev) + 1,
                                                   1 + randn(C, dt=dt, dev=dev) / 10, randn(C, dt=dt, dev=dev)),
          lambda x, nw, nb: F.pyramid_pool(x, grids, nw, nb), lambda x, nw, nb: R.pyramid_pool(x, grids, nw, nb)),
+        ("dwconv3x3_pyramid_pool", lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev), randn(C, 1, 3, 3, dt=dt, dev=dev) / 3,
+                                                    randn(C, dt=dt, dev=dev), 1 + randn(C, dt=dt, dev=dev) / 10,
+                                                    randn(C, dt=dt, dev=dev)),
+         lambda x, wt, b, nw, nb: _joined(F.dwconv3x3_pyramid_pool(x, wt, b, grids, nw, nb)),
+         lambda x, wt, b, nw, nb: _joined(R.dwconv3x3_pyramid_pool(x, wt, b, grids, nw, nb))),
         ("lowres_attention", lambda dt, dev: (randn(B, nq, C, dt=dt, dev=dev), randn(B, m, 2 * C, dt=dt, dev=dev)),
          lambda q, kv: F.lowres_attention(q, kv[..., :C], kv[..., C:], heads),
          lambda q, kv: R.lowres_attention(q, kv[..., :C], kv[..., C:], heads)),
@@ -93,6 +98,11 @@ def _cases(stage: int, small: bool) -> List[Tuple[str, Callable, Callable, Calla
     return out
 
 
+def _joined(outputs) -> torch.Tensor:
+    """Several outputs checked as one tensor (one error each for the outputs and the gradients)."""
+    return torch.cat([t.flatten(1) for t in outputs], 1)
+
+
 #: the IRB check's drop-path factors: one dropped sample, the others kept with 1 / 0.8
 _KEEP = torch.tensor([1.25, 0.0, 1.25, 1.25, 1.25, 1.25, 1.25, 1.25])
 
@@ -105,10 +115,12 @@ def _irb_inputs(B, h, w, C, HD, dt, dev, randn):
 
 
 def _lrsa_block(B, h, w, C, heads, grids, randn):
-    """A whole LRSA step composed from the ops (norm1 + pooling, pooled-map convs, attention, upsample-residual)."""
-    from .lrsa import lrsa_low
+    """A whole LRSA step composed from the ops (CPE, norm1 and pooling, pooled-map convs, attention,
+    upsample-residual)."""
+    from .lrsa import lrsa_pooled
     torch.manual_seed(0)
-    mods = nn.ModuleDict(dict(norm1=nn.LayerNorm(C, eps=1e-6), norm=nn.LayerNorm(C), kv=nn.Linear(C, 2 * C),
+    mods = nn.ModuleDict(dict(cpe=nn.Conv2d(C, C, 3, padding=1, groups=C), norm1=nn.LayerNorm(C, eps=1e-6),
+                              norm=nn.LayerNorm(C), kv=nn.Linear(C, 2 * C),
                               proj=nn.Linear(C, C), q=nn.Linear(C, C),
                               d_convs=nn.ModuleList(nn.Conv2d(C, C, 3, padding=1, groups=C) for _ in grids[1:])))
 
@@ -120,9 +132,11 @@ def _lrsa_block(B, h, w, C, heads, grids, randn):
             import copy
             copies[key] = copy.deepcopy(mods).to(device=x.device, dtype=x.dtype)
         m = copies[key]
-        low = lrsa_low(ops, x, grids, m.q.weight, m.q.bias, m.norm, m.kv, m.proj, heads, (C // heads) ** -0.5,
-                       m.d_convs, in_norm=m.norm1)
-        return ops.upsample_residual(x, low)
+        y, pooled = ops.dwconv3x3_pyramid_pool(x, m.cpe.weight, m.cpe.bias, grids, m.norm1.weight, m.norm1.bias,
+                                               m.norm1.eps)
+        low = lrsa_pooled(ops, pooled, grids, m.q.weight, m.q.bias, m.norm, m.kv, m.proj, heads, (C // heads) ** -0.5,
+                          m.d_convs)
+        return ops.upsample_residual(y, low)
     return (lambda dt, dev: (randn(B, h, w, C, dt=dt, dev=dev),),
             lambda x: run(backend.FUSED, x), lambda x: run(backend.REFERENCE, x))
 

@@ -188,7 +188,8 @@ def _m_fields(m: Measurement) -> Dict:
 
 def _time_callable(cfg: Config, fn, make_inputs, mode: str, modules=(), autocast_dtype: Optional[str] = None,
                    probe_fn=None):
-    """Measure ``fn(*inputs)`` (fwd, no grad) or ``fn(*inputs).backward(gout)`` (fwd+bwd).
+    """Measure ``fn(*inputs)`` (fwd, no grad) or ``fn(*inputs).backward(gout)`` (fwd+bwd; an op with several
+    outputs gets a random gradient on each).
 
     ``probe_fn`` (default ``fn``) gives the output's shape for the random output gradient: pass the
     eager reference for a compiled ``fn`` (a no-grad call would compile a second graph).
@@ -203,7 +204,8 @@ def _time_callable(cfg: Config, fn, make_inputs, mode: str, modules=(), autocast
             with torch.no_grad():
                 probe = (probe_fn(*inp) if autocast_dtype is None
                          else _run_autocast(cfg, autocast_dtype, probe_fn, inp))
-            gout = torch.randn(probe.shape, device=cfg.device, generator=_gen(cfg, 1000 + i)).to(probe.dtype)
+            gout = tuple(torch.randn(p.shape, device=cfg.device, generator=_gen(cfg, 1000 + i)).to(p.dtype)
+                         for p in (probe if isinstance(probe, tuple) else (probe,)))
             del probe
             return (inp, gout)
         return (inp, None)
@@ -214,7 +216,7 @@ def _time_callable(cfg: Config, fn, make_inputs, mode: str, modules=(), autocast
             with torch.no_grad():
                 return fn(*inp) if autocast_dtype is None else _run_autocast(cfg, autocast_dtype, fn, inp)
         out = fn(*inp) if autocast_dtype is None else _run_autocast(cfg, autocast_dtype, fn, inp)
-        out.backward(gout)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), gout)
         return None
 
     prep = (lambda pair: _clear_grads(pair[0], modules)) if grad else None

@@ -95,8 +95,24 @@ def _ln_pool_backward_extra(args, out) -> int:
     x = args[1]
     B, H, W, C = x.shape
     with _gpu_tiles():
-        programs = pp._ln_backward_config(C, B * H * W, x.device)[3]
+        programs = pp._ln_backward_config(C, B * H * W, x.element_size(), x.device)[3]
     return 2 * programs * 2 * C * _acc_size(x)
+
+
+def _dwconv_pool_forward_extra(args, out) -> int:
+    """Two launches: the depthwise conv (x read, y and its LayerNorm statistics written: whole-row tiles), then the
+    pooling (y read again, the statistics once more), plus the conv's (9, C) weight copy."""
+    y, _, mean, rstd = out
+    return tensor_bytes(y) + tensor_bytes(mean) + tensor_bytes(rstd) + _dwconv_forward_extra(args, out)
+
+
+def _dwconv_pool_backward_extra(args, out) -> int:
+    """Two launches: the pooling's LayerNorm backward (as ``layer_norm_pyramid_pool_backward``'s, dy added as y's
+    gradient is written), then the depthwise conv's backward (y's gradient read again, x: as
+    ``dwconv3x3_backward``'s): y's gradient written and read, both launches' partials, the weight copy."""
+    grad_y, grad_pooled, x, y, mean, rstd, conv_weight = args[:7]
+    return (2 * tensor_bytes(grad_y) + _ln_pool_backward_extra((grad_pooled, y), None)
+            + _dwconv_backward_extra((grad_y, x, conv_weight), None))
 
 
 def _lowres_attention_backward_extra(args, out) -> int:
@@ -313,6 +329,8 @@ FUSED_EXTRA: Dict[str, Callable] = {
     "lrformer::pyramid_pool_backward": _no_extra,   # one launch, a gather: grad_x written once
     "lrformer::layer_norm_pyramid_pool": _ln_pool_forward_extra,
     "lrformer::layer_norm_pyramid_pool_backward": _ln_pool_backward_extra,
+    "lrformer::dwconv3x3_pyramid_pool": _dwconv_pool_forward_extra,
+    "lrformer::dwconv3x3_pyramid_pool_backward": _dwconv_pool_backward_extra,
     "lrformer::lowres_attention": _no_extra,        # one launch (online softmax)
     "lrformer::lowres_attention_backward": _lowres_attention_backward_extra,
     "lrformer::upsample_residual": _no_extra,       # one launch
@@ -366,6 +384,10 @@ def _dwconv_flops(args, out) -> int:
 
 def _dwconv_backward_flops(args, out) -> int:
     return 2 * 2 * 9 * args[1].numel()            # d_input (conv transpose) and d_weight
+
+
+def _dwconv_pool_backward_flops(args, out) -> int:
+    return _dwconv_backward_flops(args[1:], out)   # (x is its second argument, as dwconv3x3_backward's)
 
 
 def _irb_flops(args, out) -> int:
@@ -440,6 +462,8 @@ FUSED_FLOPS: Dict[str, Callable] = {
     "lrformer::lowres_attention_backward": _lowres_attention_backward_flops,
     "lrformer::dwconv3x3": _dwconv_flops,
     "lrformer::dwconv3x3_backward": _dwconv_backward_flops,
+    "lrformer::dwconv3x3_pyramid_pool": _dwconv_flops,
+    "lrformer::dwconv3x3_pyramid_pool_backward": _dwconv_pool_backward_flops,
     "lrformer::irb": _irb_flops,
     "lrformer::irb_backward": _irb_backward_flops,
     "lrformer::irb_fc2_weight_grad": _fc2_weight_grad_flops,

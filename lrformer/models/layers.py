@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrformer_kernels import Fusable, bilinear_resize, lrsa_grids, lrsa_low, pyramid_sizes
+from lrformer_kernels import Fusable, bilinear_resize, lrsa_grids, lrsa_low, lrsa_pooled, pyramid_sizes
 
 
 def nchw(x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +132,17 @@ class LRSA(Fusable, nn.Module):
     def grids(self, h: int, w: int):
         return lrsa_grids(h, w, self.q_size, self.kv_sizes)
 
-    def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None,
-                    in_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
-        """The low-resolution branch (B, hq, wq, C) of a normalised map x (B, H, W, C), or of ``in_norm(x)``
-        (normalised by the pooling, never materialised)."""
+    def forward_low(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
+        """The low-resolution branch (B, hq, wq, C) of a normalised map x (B, H, W, C)."""
         qw, qb = self.q_linear()
         return lrsa_low(self.ops, x, self.grids(x.shape[1], x.shape[2]), qw, qb, self.norm, self.kv_linear(),
-                        self.proj, self.num_heads, self.scale, d_convs, in_norm)
+                        self.proj, self.num_heads, self.scale, d_convs)
+
+    def forward_pooled(self, pooled: torch.Tensor, grids, d_convs: Optional[Sequence[nn.Conv2d]] = None):
+        """The low-resolution branch from the normalised map's pooled ``grids`` (``self.grids(H, W)``)."""
+        qw, qb = self.q_linear()
+        return lrsa_pooled(self.ops, pooled, grids, qw, qb, self.norm, self.kv_linear(), self.proj, self.num_heads,
+                           self.scale, d_convs)
 
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         """x: normalised map (B, H, W, C) -> attention branch at full resolution (B, H, W, C)."""
@@ -151,8 +155,8 @@ class LRSA(Fusable, nn.Module):
 class Block(Fusable, nn.Module):
     """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
 
-    x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x))) (an encoder block's LayerNorm
-    norm1 inside ``ops.pyramid_pool``); x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm
+    x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x))) (an encoder block's CPE, LayerNorm
+    norm1 and LRSA pooling as one op, ``ops.dwconv3x3_pyramid_pool``); x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm
     included).  Tokens-last in and out.
     """
 
@@ -184,10 +188,13 @@ class Block(Fusable, nn.Module):
     def forward(self, x: torch.Tensor, d_convs: Optional[Sequence[nn.Conv2d]] = None) -> torch.Tensor:
         if self.pre_norm is not None:
             x = batch_norm_bhwc(self.pre_norm, x)
-        x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
-        if affine_layer_norm(self.norm1):                                            # norm1 inside the pooling
-            low = self.attn.forward_low(x, d_convs, in_norm=self.norm1)
+        if affine_layer_norm(self.norm1):         # the CPE, norm1 and the pooling in one op (the CPE output's two uses)
+            grids = self.attn.grids(x.shape[1], x.shape[2])
+            x, pooled = self.ops.dwconv3x3_pyramid_pool(x, self.cpe.weight, self.cpe.bias, grids, self.norm1.weight,
+                                                        self.norm1.bias, self.norm1.eps)
+            low = self.attn.forward_pooled(pooled, grids, d_convs)
         else:
+            x = self.ops.dwconv3x3(x, self.cpe.weight, self.cpe.bias, residual=True)
             low = self.attn.forward_low(self.norm(self.norm1, x), d_convs)
         x = self.ops.upsample_residual(x, low, self.layer_scale_1, self.drop_path.keep(x))
         keep = self.drop_path.keep(x)
