@@ -294,13 +294,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _irb_dx_kernel(du_ptr, w1_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, dy_ptr, dx_ptr, part_ptr, M, C, HD, iters,
-                       LAYER_NORM: tl.constexpr, ADD_DY: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
-                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                       LAYER_NORM: tl.constexpr, ADD_DY: tl.constexpr, DY_AFTER: tl.constexpr, INT64: tl.constexpr,
+                       ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
         """dx from du: the GEMM dxn = du w1 over whole rows (BLOCK_C >= C), the LayerNorm backward in its epilogue
         (xhat recomputed from x and the saved statistics; the row reductions over C in registers) plus dy (the
-        block residual's gradient), written once; dxn never stored.  A program walks ``iters`` row chunks and
-        writes one fp32 partial row pair of the LayerNorm's weight and bias gradients (sum dxn * xhat, sum dxn),
-        summed over the programs afterwards in a fixed order."""
+        block residual's gradient), written once; dxn never stored.  ``DY_AFTER`` (row tiles too wide to hold dy
+        in registers too): dy is added once all the program's rows are stored, 64 channels at a time, the program
+        re-reading its own dx rows from L1/L2 behind a block barrier (which makes the block's global writes visible
+        to all its threads).  A program walks ``iters`` row chunks and writes one fp32 partial row pair of the LayerNorm's
+        weight and bias gradients (sum dxn * xhat, sum dxn), summed over the programs afterwards in a fixed
+        order."""
         pid = tl.program_id(0)
         rc = tl.arange(0, BLOCK_C)
         cmask = rc < C
@@ -332,11 +336,26 @@ if HAS_TRITON:
                 acc_b += tl.sum(acc, axis=0)
                 acc = layer_norm_backward_rows(acc, xhat, rstd, g, C)
             if ADD_DY:
-                acc += tl.load(dy_ptr + offs, mask=m2, other=0.0).to(ACC)
+                if not DY_AFTER:
+                    acc += tl.load(dy_ptr + offs, mask=m2, other=0.0).to(ACC)
             tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=m2)
         if LAYER_NORM:
             tl.store(part_ptr + pid * 2 * C + rc, acc_w, mask=cmask)
             tl.store(part_ptr + pid * 2 * C + C + rc, acc_b, mask=cmask)
+        if ADD_DY:
+            if DY_AFTER:                                 # the program's own dx rows, from L1/L2
+                tl.debug_barrier()
+                for it in range(0, iters):
+                    rm = (pid * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+                    if INT64:
+                        rm = rm.to(tl.int64)
+                    for c0 in range(0, C, 64):
+                        c2 = c0 + tl.arange(0, 64)
+                        m3 = (rm < M)[:, None] & (c2 < C)[None, :]
+                        o3 = rm[:, None] * C + c2[None, :]
+                        v = tl.load(dx_ptr + o3, mask=m3, other=0.0).to(ACC) + tl.load(dy_ptr + o3, mask=m3,
+                                                                                       other=0.0).to(ACC)
+                        tl.store(dx_ptr + o3, v.to(dx_ptr.dtype.element_ty), mask=m3)
 
     @triton.jit
     def _irb_dgrad_kernel(dy_ptr, s_ptr, ls_ptr, u_ptr, w2_ptr, wc_ptr, bc_ptr, du_ptr, part_ptr, scratch_ptr,
@@ -527,8 +546,10 @@ def _split_m_config(kind: str, M: int, n: int, k: int, device: torch.device):
 #: channels per row tile on a GPU, its GEMM depth tile and warps; used while C fits DX_MAX_C (wider maps: torch.mm
 #: and ATen's LayerNorm backward)
 DX_CONFIG = {"elements": 4096, "block_k": 32, "warps": 8}
-#: row tiles wider than ``DX_CONFIG["elements"]`` (16 x 512): 16-deep GEMM tiles, and dy added by a second pass
-#: (in the kernel's epilogue too, 32-deep tiles or dy spill on sm_90)
+#: row tiles wider than ``DX_CONFIG["elements"]`` (16 x 512): 16-deep GEMM tiles, and dy added once the program's
+#: rows are stored, from L1/L2 (``DY_AFTER``: 32-deep tiles, or dy beside the epilogue's tiles, even in a loop right
+#: after each tile's store, spill on sm_90).  A program re-reads its ``iters`` x 16 rows (10-20 KB a tile); one
+#: program fits an SM (~250 registers x 256 threads), so the rows awaiting their dy stay a few MB of L2 in all
 DX_WIDE_BLOCK_K = 16
 DX_MAX_C = 512
 
@@ -536,7 +557,7 @@ DX_MAX_C = 512
 def _dx_config(M: int, C: int, HD: int, device: torch.device):
     """(BLOCK_M, BLOCK_C, BLOCK_K, warps, iters, programs, wide) of the dx kernel: about ``PROGRAMS_PER_SM`` programs
     per SM in all, each walking ``iters`` row tiles; ``wide``: a GPU row tile over the element budget (dy is then
-    added by a second pass)."""
+    added after the tile is stored: ``DY_AFTER``)."""
     bc = max(16, next_pow2(C))
     big = big_interpreter_tiles()
     bm = max(16, min(DX_CONFIG["elements"] * (8 if big else 1) // bc, next_pow2(M)))
@@ -693,11 +714,9 @@ def _input_grad_triton(du, w1, x, mean, rstd, norm_weight, dy):
     with device_guard(du):
         _irb_dx_kernel[(programs,)](
             du, w1, x, mean, rstd, norm_weight if ln else mean, dy if dy is not None else x, dx, part, M, C, HD, iters,
-            LAYER_NORM=ln, ADD_DY=dy is not None and not wide, INT64=needs_int64(du, x), ACC=tl_acc(x.dtype),
+            LAYER_NORM=ln, ADD_DY=dy is not None, DY_AFTER=wide, INT64=needs_int64(du, x), ACC=tl_acc(x.dtype),
             DOT_PREC=_dot_precision(du.dtype), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=1,
             **launch_options())
-    if dy is not None and wide:
-        dx += dy
     if not ln:
         return dx, None, None
     return dx, part[:, 0].sum(0), part[:, 1].sum(0)     # fixed-order reductions over the programs: deterministic

@@ -255,7 +255,7 @@ def test_hidden_grads_op(monkeypatch, splits):
 def test_input_grad_op(monkeypatch, sms):
     """dx = LayerNorm backward(du w1) + dy in one kernel, dxn never stored, alone on the GPU tiles: programs walking
     several row tiles (1 SM, one program) and one each (an H100's 132), a partial last tile, with and without the
-    LayerNorm and dy, 16 x 512 row tiles (dy added by a second pass), a map wider than the kernel takes (the
+    LayerNorm and dy, 16 x 512 row tiles (dy added after the tile is stored), a map wider than the kernel takes (the
     reference path); float64 against autograd through
     F.layer_norm; outputs poisoned; opcheck."""
     monkeypatch.setattr(common, "INTERPRETER_BIG_TILES", False)

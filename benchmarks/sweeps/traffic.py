@@ -293,8 +293,9 @@ def _hidden_grads_extra(args, out) -> int:
 def _input_grad_extra(args, out) -> int:
     """One launch (du read once, w1 from L2 by every program; x, the row statistics and dy once) writing dx and,
     with the LayerNorm, fp32 partials (programs, 2, C) of its weight and bias gradients read by the fixed-order
-    sums; row tiles wider than the kernel's element budget add dy by a second pass (dx read and written again).
-    Maps wider than the kernel takes: torch.mm and ATen's LayerNorm backward, counted op by op."""
+    sums; row tiles wider than the kernel's element budget add dy after storing the tile, re-reading the program's
+    own dx rows from L1/L2 (dx's write-back charged once).  Maps wider than the kernel takes: torch.mm and ATen's
+    LayerNorm backward, counted op by op."""
     irb = _kernels("irb")
     du, x, norm_weight = args[0], args[2], args[5]
     C = x.shape[-1]
@@ -304,9 +305,8 @@ def _input_grad_extra(args, out) -> int:
             irb._input_grad_reference(*args)
         return inner.bytes - _all_bytes(args) - _all_bytes(out)
     with _gpu_tiles():
-        programs, wide = irb._dx_config(du.shape[0], C, du.shape[1], du.device)[5:]
-    extra = 2 * tensor_bytes(x) if args[6] is not None and wide else 0
-    return extra + (2 * programs * 2 * C * _acc_size(x) if norm_weight is not None else 0)
+        programs = irb._dx_config(du.shape[0], C, du.shape[1], du.device)[5]
+    return 2 * programs * 2 * C * _acc_size(x) if norm_weight is not None else 0
 
 
 def _irb_backward_inner(args) -> "TrafficCounter":
