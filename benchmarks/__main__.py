@@ -235,7 +235,8 @@ def _run(argv=None) -> str:
         bad = set(selftest.LAST_FAILED)
         print(f"self-test: {'all checks passed' if not bad else 'FAILED for ' + ', '.join(sorted(bad))} "
               f"(selftest.txt)")
-        alias = {"dwconv3x3 (IRB)": ("dwconv_cpe", "dwconv_irb"), "LRSA block": ("LRSA", "Block")}
+        alias = {"dwconv3x3 (IRB)": ("dwconv_cpe", "dwconv_irb"), "LRSA block": ("LRSA", "Block"),
+                 "dwconv3x3_pyramid_pool": ("dwconv_pyramid_pool", "Block")}
         names = {n for b in bad for n in alias.get(b, (b,))}
         for cases in all_cases.values():
             for c in cases:

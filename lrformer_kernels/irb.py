@@ -34,18 +34,20 @@ Design (two kernels forward; the hidden map written once and read once)
   or, where partials would cost a sizeable share of the GEMM's own traffic (weights as large as the map: the
   last stages), one split whose programs write the gradient directly; and ``_irb_dgrad_kernel`` from dv
   to du: per tile of the map with a one-pixel halo it computes da = dv w2 (a GEMM over C, the halo
-  recomputed: ~1.5x that GEMM's FLOPs on 8x16 regions), writes it to the program's own scratch tile (L1/L2;
+  recomputed: ~1.5x that GEMM's FLOPs on 6x14 tiles), writes it to the program's own scratch tile (L1/L2;
   a register tile cannot be shifted across pixels in Triton 3.6-3.9, and ``tl.gather`` spills) and reads it
   back shifted for the transposed depthwise conv, times gelu'(u), plus the depthwise weight and bias
   partials: da never goes to DRAM.  Deterministic (fixed-order partial sums).
-* Maps up to ``WGRAD_MAX_C`` wide (the stages with hidden ratio 8, where the hidden map dominates) take fc1's
-  and fc2's weight gradients in that same pass (:func:`irb_hidden_grads`, ``WGRAD``): per tile, du^T [xn | 1]
-  right after du (xn recomputed from x), then fc2's input a from the u taps the depthwise weight gradient
-  loads anyway and (dy keep)^T [a | 1]; the products go 16 channels at a time into the program's own slices
-  of the split's fp32 partials, updated in place (L1/L2; register accumulators as wide as the map spill, as
-  do 128-pixel regions: 8x8 regions).  Three passes over the hidden map remain (u read, du written, du read
-  by dx); wider maps keep the separate weight-gradient kernels (five).  Keeping du out of DRAM too needs
-  dxn's reduction over the hidden chunks inside one program (shared memory Triton does not expose).
+* The model's backward (fc1 and fc2 weights of one dtype) takes fc1's and fc2's weight gradients in that same
+  pass (:func:`irb_hidden_grads`, ``WGRAD``): per tile, du^T [xn | 1] right after du (xn recomputed from x),
+  then fc2's input a from the u taps the depthwise weight gradient loads anyway and (dy keep)^T [a | 1]; the
+  products go 16 channels at a time into the program's own slices of the split's fp32 partials, updated in
+  place (L1/L2; register accumulators as wide as the map spill, as do larger tiles: 8x8 own pixels, da on their
+  10x10 halo tile padded to 128 rows, the two products on exactly the 64 own pixels).  Three passes over the
+  hidden map remain (u read, du written, du read by dx) where the separate weight-gradient kernels make five,
+  for ~0.5 GEMM of FLOPs more a pixel (da's padded halo tile: 2x its GEMM where 6x14 tiles take 1.52x).
+  Keeping du out of DRAM too needs dxn's reduction over the hidden chunks inside one program (shared memory
+  Triton does not expose).
 * The GEMM operands are in the hidden dtype (x's dtype; the autocast dtype under autocast, as
   ``F.linear`` would cast them); accumulation in fp32 (fp64 for float64); ``input_precision="ieee"``
   for fp32 (no TF32, as PyTorch's default matmul).
@@ -363,30 +365,32 @@ if HAS_TRITON:
                           B, H, W, HD, C, tiles_h, tiles_w, iters,
                           HAS_S: tl.constexpr, HAS_LS: tl.constexpr, WGRAD: tl.constexpr, LAYER_NORM: tl.constexpr,
                           INT64: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-                          RH: tl.constexpr, RW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                          OH: tl.constexpr, OW: tl.constexpr, PO: tl.constexpr, PH: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
         """The IRB backward from dv = d(fc2 output) = dy * s[b, c] (formed as dy is loaded) to du = d(fc1 output)
         and the depthwise conv's weight and bias gradients, da = dv w2 never stored: a program owns ``BLOCK_K``
-        hidden channels and ``iters``
-        consecutive tiles of the map; a tile is an ``RH x RW`` region, its ``(RH-2) x (RW-2)`` own pixels and
-        a one-pixel halo, on which the program computes da (a GEMM over C), writes it to its own scratch
-        tile (L1/L2: a register tile cannot be shifted across pixels) and reads it back shifted for the
-        transposed depthwise conv.  Per-program fp32 partials (9 taps + bias), summed in a fixed order.  With
-        ``WGRAD`` also fc1's bias (partial row 10) and weight gradient (x, the row statistics and the LayerNorm's
-        parameters for xn) and fc2's before the layer scale (dy * s, s the drop-path factor; da's dv takes the
-        layer scale ``ls`` too), into the program's slices of ``part1`` (splits, HD, C), ``part2`` (splits, C, HD)
-        and, for the first hidden chunk, ``partb2`` (splits, C)."""
+        hidden channels and ``iters`` consecutive tiles of the map; a tile is ``OH x OW`` own pixels (``PO`` rows,
+        a power of two) and its one-pixel halo, ``(OH + 2) x (OW + 2)`` pixels (``PH`` rows).  The program computes
+        da (a GEMM over C) on the halo tile, writes it to its own scratch tile (L1/L2: a register tile cannot be
+        shifted across pixels) and reads it back at the own pixels' 9 neighbours for the transposed depthwise
+        conv; everything after da runs on the own pixels only.  Per-program fp32 partials (9 taps + bias), summed
+        in a fixed order.  With ``WGRAD`` also fc1's bias (partial row 10) and weight gradient (x, the row
+        statistics and the LayerNorm's parameters for xn) and fc2's before the layer scale (dy * s, s the
+        drop-path factor; da's dv takes the layer scale ``ls`` too), into the program's slices of ``part1``
+        (splits, HD, C), ``part2`` (splits, C, HD) and, for the first hidden chunk, ``partb2`` (splits, C)."""
         pid_k = tl.program_id(0)        # hidden chunks fastest: the programs of a split read the same dv tiles
         pid_s = tl.program_id(1)
-        P: tl.constexpr = RH * RW
         cs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         cmask = cs < HD
-        r = tl.arange(0, P)
-        ry = r // RW
-        rx = r - ry * RW
-        inner = (ry >= 1) & (ry < RH - 1) & (rx >= 1) & (rx < RW - 1)
+        rq = tl.arange(0, PH)           # halo tile rows: (OH + 2) x (OW + 2) pixels, row-major
+        qy = rq // (OW + 2)
+        qx = rq - qy * (OW + 2)
+        ro = tl.arange(0, PO)           # own tile rows: OH x OW pixels, row-major
+        oy = ro // OW
+        ox = ro - oy * OW
         rows = tl.arange(0, 16)
-        sp = scratch_ptr + (pid_s * tl.num_programs(0) + pid_k) * (P * BLOCK_K) + r[:, None] * BLOCK_K \
-            + tl.arange(0, BLOCK_K)[None, :]
+        kk = tl.arange(0, BLOCK_K)[None, :]
+        sb = scratch_ptr + (pid_s * tl.num_programs(0) + pid_k) * (PH * BLOCK_K)
         DT = u_ptr.dtype.element_ty
         acc_w = tl.zeros([16, BLOCK_K], ACC)            # rows 0..8: d_wc taps (ky * 3 + kx), row 9: d_bc, 10: d_b1
         if WGRAD:
@@ -408,37 +412,46 @@ if HAS_TRITON:
             b = t // (tiles_h * tiles_w)
             rem = t - b * (tiles_h * tiles_w)
             ty = rem // tiles_w
-            h = ty * (RH - 2) - 1 + ry
-            w = (rem - ty * tiles_w) * (RW - 2) - 1 + rx
+            y0 = ty * OH
+            x0 = (rem - ty * tiles_w) * OW
+            hq = y0 - 1 + qy
+            wq = x0 - 1 + qx
+            iq = (b * H + hq) * W + wq
+            h = y0 + oy
+            w = x0 + ox
             idx = (b * H + h) * W + w
             if INT64:
+                iq = iq.to(tl.int64)
                 idx = idx.to(tl.int64)
-            valid = (h >= 0) & (h < H) & (w >= 0) & (w < W) & (idx < B * H * W)   # b == B past the last tile
-            own = valid & inner
-            # ---- da = dv w2 on the region (0 off the map: the transposed conv's zero padding)
-            da = tl.zeros([P, BLOCK_K], ACC)
+            # b == B past the last tile, where no pixel is valid (its indices are past the map's)
+            valid = (rq < (OH + 2) * (OW + 2)) & (hq >= 0) & (hq < H) & (wq >= 0) & (wq < W) & (iq < B * H * W)
+            own = (ro < OH * OW) & (h < H) & (w < W) & (idx < B * H * W)
+            # ---- da = dv w2 on the halo tile (0 off the map: the transposed conv's zero padding)
+            da = tl.zeros([PH, BLOCK_K], ACC)
             for c0 in range(0, C, BLOCK_C):
                 ck = c0 + tl.arange(0, BLOCK_C)
                 ckm = ck < C
-                dvr = tl.load(dy_ptr + idx[:, None] * C + ck[None, :], mask=valid[:, None] & ckm[None, :], other=0.0)
-                if HAS_S:                   # (b == B past the last tile, where no pixel is valid)
-                    sb = tl.load(s_ptr + tl.minimum(b, B - 1) * C + ck, mask=ckm, other=0.0)
-                    dvr = dvr.to(ACC) * sb.to(ACC)[None, :]
+                dvr = tl.load(dy_ptr + iq[:, None] * C + ck[None, :], mask=valid[:, None] & ckm[None, :], other=0.0)
+                if HAS_S:
+                    sv = tl.load(s_ptr + tl.minimum(b, B - 1) * C + ck, mask=ckm, other=0.0)
+                    dvr = dvr.to(ACC) * sv.to(ACC)[None, :]
                 if HAS_LS:
                     dvr = dvr.to(ACC) * tl.load(ls_ptr + ck, mask=ckm, other=0.0).to(ACC)[None, :]
                 w2t = tl.load(w2_ptr + ck[:, None] * HD + cs[None, :], mask=ckm[:, None] & cmask[None, :], other=0.0)
                 da += tl.dot(dvr.to(DT), w2t.to(DT), input_precision=DOT_PREC).to(ACC)
             # the barriers order the scratch tile's writes and reads among the warps
             tl.debug_barrier()
-            tl.store(sp, da)
+            tl.store(sb + rq[:, None] * BLOCK_K + kk, da)
             tl.debug_barrier()
-            # ---- du = gelu'(u) * (da + sum_t wc[t] * da[p - o_t]) at the own pixels p (o_t: tap t's offset):
-            # the transposed depthwise conv and its residual; the own pixels' neighbours lie in the region
-            dg = da
+            # ---- du = gelu'(u) * (da + sum_t wc[t] * da[p - o_t]) at the own pixels p (o_t: tap t's offset; the
+            # neighbour of own pixel (oy, ox) at -o_t is halo pixel (oy + 2 - ky, ox + 2 - kx))
+            dac = tl.load(sb + ((oy + 1) * (OW + 2) + ox + 1)[:, None] * BLOCK_K + kk, mask=own[:, None], other=0.0)
+            dg = dac
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
                     dg += _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC) * \
-                        tl.load(sp - ((ky - 1) * RW + (kx - 1)) * BLOCK_K, mask=own[:, None], other=0.0)
+                        tl.load(sb + ((oy + 2 - ky) * (OW + 2) + ox + 2 - kx)[:, None] * BLOCK_K + kk,
+                                mask=own[:, None], other=0.0)
             hoff = idx[:, None] * HD + cs[None, :]
             u = tl.load(u_ptr + hoff, mask=own[:, None] & cmask[None, :], other=0.0).to(ACC)
             cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
@@ -469,20 +482,20 @@ if HAS_TRITON:
             # map); the neighbours' g = gelu(u) by shifted masked loads of u (L1/L2 hits); with WGRAD fc2's input
             # a = g + dwconv3x3(g) + bc from the same taps
             if WGRAD:
-                a = tl.load(bc_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :] + tl.zeros([P, BLOCK_K], ACC)
+                a = tl.load(bc_ptr + cs, mask=cmask, other=0.0).to(ACC)[None, :] + tl.zeros([PO, BLOCK_K], ACC)
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
                     nb = own & (h + (ky - 1) >= 0) & (h + (ky - 1) < H) & (w + (kx - 1) >= 0) & (w + (kx - 1) < W)
                     gs = tl.load(u_ptr + hoff + ((ky - 1) * W + (kx - 1)) * HD, mask=nb[:, None] & cmask[None, :],
                                  other=0.0).to(ACC)
                     gs = 0.5 * gs * (1.0 + tl.math.erf(gs * 0.7071067811865476))
-                    acc_w += tl.where(rows[:, None] == ky * 3 + kx, tl.sum(da * gs, axis=0)[None, :], 0.0)
+                    acc_w += tl.where(rows[:, None] == ky * 3 + kx, tl.sum(dac * gs, axis=0)[None, :], 0.0)
                     if WGRAD:
                         a += gs * _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC)
                         if ky == 1:
                             if kx == 1:
                                 a += gs
-            acc_w += tl.where(rows[:, None] == 9, tl.sum(tl.where(own[:, None], da, 0.0), axis=0)[None, :], 0.0)
+            acc_w += tl.where(rows[:, None] == 9, tl.sum(dac, axis=0)[None, :], 0.0)     # dac is 0 off the own pixels
             if WGRAD:
                 # ---- fc2's weight and bias gradients before the layer scale, (dy keep)^T [a | 1] over the own pixels
                 a = a.to(DT)
@@ -570,43 +583,43 @@ def _dx_config(M: int, C: int, HD: int, device: torch.device):
     return bm, bc, bk, DX_CONFIG["warps"], iters, cdiv(chunks, iters), wide
 
 
-#: the backward's dgrad kernel: (pixels per region, widest region, BLOCK_K, widest BLOCK_C, warps) on a GPU
-#: (ptxas: 170-245 registers at 8 warps, no spills; BLOCK_K 32 spills, and so does fc2's weight gradient
-#: fused into it, for any C) and in the interpreter (few, big programs)
-DGRAD_CONFIG = {"cuda": (128, 16, 16, 32, 8), "cpu": (1024, 32, 128, 256, 4),
-                # with fc1's and fc2's weight gradients (WGRAD): 64-pixel regions (128 spill at 8 warps; 16 warps
-                # cannot hold the 240 registers), 16-channel chunks (32 spill in fp32 on sm_80 under Triton 3.6)
-                "cuda_wgrad": (64, 8, 16, 16, 8)}
+#: the backward's dgrad kernel: (own tile's rows, its columns, BLOCK_K, widest BLOCK_C, warps) on a GPU (ptxas:
+#: 170-245 registers at 8 warps, no spills; BLOCK_K 32 spills) and in the interpreter (few, big programs).  da is
+#: computed on the own tile and its one-pixel halo, (rows + 2) x (columns + 2) pixels padded to a power of two, the
+#: rest on the own pixels (padded likewise): 6 x 14 own pixels, an 8 x 16 halo tile (da's GEMM on 128 rows for 84)
+DGRAD_CONFIG = {"cuda": (6, 14, 16, 32, 8), "cpu": (30, 30, 128, 256, 4),
+                # with fc1's and fc2's weight gradients (WGRAD): 8 x 8 own pixels, so that their two products run
+                # on exactly the pixels they own (64 rows) and only da pays for the halo (128 rows for 64); wider own
+                # tiles spill at 8 warps, 16 warps cannot hold the 240 registers; 16-channel chunks (32 spill in
+                # fp32 on sm_80 under Triton 3.6)
+                "cuda_wgrad": (8, 8, 16, 16, 8)}
 #: the dgrad kernel's programs per SM (two waves: the last one's ragged tail is short)
 DGRAD_PROGRAMS_PER_SM = 2
-#: the maps whose backward takes fc1's and fc2's weight gradients in the dgrad pass (:func:`irb_hidden_grads`: no
-#: separate passes over u and du, 4 HD bytes a pixel saved in 16-bit): at most this wide.  The pass's 8x8 regions
-#: recompute da and compute the two weight-gradient products on 64 pixels for 36 own ones, about 1.8 GEMMs of
-#: FLOPs more (3.6 C HD a pixel): 0.9 C FLOPs per byte saved, ~170 at C = 192, well under an H100's ~300; the
-#: stage-3 maps (C = 320) would sit at that balance and take LRFormer-S's training step past 1.3x eager's FLOPs
-WGRAD_MAX_C = 192
+
+
+def _dgrad_rows(oh: int, ow: int):
+    """(PO, PH): the dgrad kernel's rows for an ``oh x ow`` own tile and for it with its one-pixel halo."""
+    return next_pow2(oh * ow), next_pow2((oh + 2) * (ow + 2))
 
 
 def _dgrad_config(B: int, H: int, W: int, C: int, HD: int, device: torch.device, wgrad: bool = False):
-    """(RH, RW, BLOCK_C, BLOCK_K, warps, tiles_h, tiles_w, iters, splits) of the dgrad kernel: regions as wide
-    as the map allows (a one-pixel halo on each side), ``DGRAD_PROGRAMS_PER_SM`` programs per SM in all (a
+    """(OH, OW, BLOCK_C, BLOCK_K, warps, tiles_h, tiles_w, iters, splits) of the dgrad kernel: own tiles as large
+    as :data:`DGRAD_CONFIG` and the map allow, ``DGRAD_PROGRAMS_PER_SM`` programs per SM in all (a
     program's ~240 registers x 256 threads hold an SM alone: more would only queue, each adding its scratch tile's
     write-back and its partials); with ``wgrad`` (the weight gradients' fp32 partials, 2 x 8 C HD bytes a split)
     one program per SM and no more splits than keep the partials within ``PARTIAL_TRAFFIC_SHARE`` of the two
     GEMMs' operand bytes."""
-    pixels, rw_max, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else
-                                                 ("cuda_wgrad" if wgrad else "cuda")]
-    rw = max(4, min(rw_max, next_pow2(W + 2)))
-    rh = max(4, min(pixels // rw, next_pow2(H + 2)))
+    oh, ow, bk, bc, warps = DGRAD_CONFIG["cpu" if big_interpreter_tiles() else ("cuda_wgrad" if wgrad else "cuda")]
+    oh, ow = min(oh, H), min(ow, W)
     bc = max(16, min(bc, next_pow2(C)))
     bk = max(16, min(bk, next_pow2(HD)))
-    tiles_h, tiles_w = cdiv(H, rh - 2), cdiv(W, rw - 2)
+    tiles_h, tiles_w = cdiv(H, oh), cdiv(W, ow)
     tiles = B * tiles_h * tiles_w
     splits = max(1, (1 if wgrad else DGRAD_PROGRAMS_PER_SM) * num_sms(device) // cdiv(HD, bk))
     if wgrad:
         splits = partial_programs(splits, 2 * 4 * C * HD, 2 * B * H * W * (C + HD) * 2)
     iters = cdiv(tiles, splits)
-    return rh, rw, bc, bk, warps, tiles_h, tiles_w, iters, cdiv(tiles, iters)
+    return oh, ow, bc, bk, warps, tiles_h, tiles_w, iters, cdiv(tiles, iters)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -731,12 +744,13 @@ def _dgrad_triton(dy, u, w2, wc, s, bc=None, scale=None, x=None, mean=None, rstd
     B, H, W, HD = u.shape
     C = dy.shape[-1]
     wgrad = x is not None
-    rh, rw, bc_, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device, wgrad)
+    oh, ow, bc_, bk, warps, tiles_h, tiles_w, iters, splits = _dgrad_config(B, H, W, C, HD, u.device, wgrad)
+    po, ph = _dgrad_rows(oh, ow)
     acc = acc_dtype(u.dtype)
     du = new_empty(u.shape, u.dtype, u.device)
     rows = 11 if wgrad else 10
     part = new_empty((splits, rows, HD), acc, u.device)
-    scratch = new_empty((splits, cdiv(HD, bk), rh * rw, bk), acc, u.device)
+    scratch = new_empty((splits, cdiv(HD, bk), ph, bk), acc, u.device)
     w9 = wc.reshape(HD, 9).t().contiguous()
     ln = wgrad and norm_weight is not None
     part1, part2, partb2 = ((new_empty((splits, HD, C), acc, u.device), new_empty((splits, C, HD), acc, u.device),
@@ -749,7 +763,7 @@ def _dgrad_triton(dy, u, w2, wc, s, bc=None, scale=None, x=None, mean=None, rstd
             B, H, W, HD, C, tiles_h, tiles_w, iters,
             HAS_S=s is not None, HAS_LS=scale is not None, WGRAD=wgrad, LAYER_NORM=ln,
             INT64=needs_int64(dy, u, *((x,) if wgrad else ())), ACC=tl_acc(u.dtype), DOT_PREC=_dot_precision(u.dtype),
-            RH=rh, RW=rw, BLOCK_C=bc_, BLOCK_K=bk, num_warps=warps, num_stages=1,
+            OH=oh, OW=ow, PO=po, PH=ph, BLOCK_C=bc_, BLOCK_K=bk, num_warps=warps, num_stages=1,
             **launch_options())
     red = part.sum(0)                      # fixed-order reduction over the programs: deterministic
     grads = (du, red[:9].t().reshape(HD, 1, 3, 3).contiguous(), red[9].clone())
@@ -847,15 +861,15 @@ def _backward_impl(dy, x, u, mean, rstd, w1, b1, wc, bc, w2, b2, scale, keep, no
     and bias gradients and the layer scale's (:func:`irb_fc2_weight_grad`: its input recomputed from u, the fc2
     output never stored), the weight gradients written in the parameters' dtype by their kernels, the backward
     through the depthwise conv (:func:`irb_dgrad`: da never stored), the normalised input recomputed from x and the saved
-    statistics inside fc1's weight-gradient kernel (maps up to ``WGRAD_MAX_C`` wide: all three in one pass over
-    u, :func:`irb_hidden_grads`), the LayerNorm backward and the residual's dy in the epilogue of the
+    statistics inside fc1's weight-gradient kernel (fc1's and fc2's weights of one dtype, as in the models: all
+    three in one pass over u, :func:`irb_hidden_grads`), the LayerNorm backward and the residual's dy in the epilogue of the
     input-gradient GEMM (:func:`irb_input_grad`)."""
     B, H, W, C = x.shape
     HD = w1.shape[0]
     M = B * H * W
     hd = u.dtype
     dy2 = dy.contiguous().reshape(M, C)
-    if C <= WGRAD_MAX_C and w1.dtype == w2.dtype:       # the weight gradients in the dgrad pass
+    if w1.dtype == w2.dtype:                            # the weight gradients in the dgrad pass
         du, dwc, dbc, dw1, db1, dw2, db2, dscale = torch.ops.lrformer.irb_hidden_grads(
             dy2, u, x, mean, rstd, w2, wc, bc, b2, keep, scale, norm_weight, norm_bias, need_scale, w1.dtype)
     else:

@@ -79,11 +79,10 @@ def _lrsa_stage(B, h, w, C, heads, q_size, kv_sizes, hidden, dt, scale_on, poole
             irb._fc2_weight_grad_triton(dv, u, wd, bd, s, ls, meta(C, hidden, dtype=pdt) if scale_on else None, pdt)
     stat = meta(B, h, w, dtype=torch.float32 if dt != torch.float64 else dt)
     for ln in ((meta(C, dtype=dt), meta(C, dtype=dt)), (None, None)):
-        if C <= irb.WGRAD_MAX_C:         # narrow maps: the weight gradients in the dgrad pass
-            for keep in (None, meta(B, dtype=torch.float32)):
-                for pdt in pdts:
-                    irb._hidden_grads_triton(dv, u, x, stat, stat, meta(C, hidden, dtype=pdt), wd, bd, b2, keep, ls,
-                                             *ln, scale_on, pdt)
+        for keep in (None, meta(B, dtype=torch.float32)):    # the models' backward: weight gradients in the dgrad pass
+            for pdt in pdts:
+                irb._hidden_grads_triton(dv, u, x, stat, stat, meta(C, hidden, dtype=pdt), wd, bd, b2, keep, ls, *ln,
+                                         scale_on, pdt)
         du = meta(B * h * w, hidden, dtype=dt)
         for pdt in pdts:
             irb._fc1_weight_grad_triton(du, x, stat, stat, *ln, pdt)

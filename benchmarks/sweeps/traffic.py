@@ -244,12 +244,12 @@ def _fc1_weight_grad_extra(args, out) -> int:
 
 
 def _dgrad_tiles(dv, u, wgrad: bool = False):
-    """(regions, pixels per region, splits, hidden chunks, BLOCK_K) of the dgrad kernel on the GPU tiles."""
+    """(tiles, own-tile rows, halo-tile rows, splits, hidden chunks, BLOCK_K) of the dgrad kernel on the GPU tiles."""
     irb = _kernels("irb")
     B, H, W, HD = u.shape
     with _gpu_tiles():
-        rh, rw, _, bk, _, tiles_h, tiles_w, _, splits = irb._dgrad_config(B, H, W, dv.shape[1], HD, u.device, wgrad)
-    return B * tiles_h * tiles_w, rh * rw, splits, -(-HD // bk), bk
+        oh, ow, _, bk, _, tiles_h, tiles_w, _, splits = irb._dgrad_config(B, H, W, dv.shape[1], HD, u.device, wgrad)
+    return (B * tiles_h * tiles_w, *irb._dgrad_rows(oh, ow), splits, -(-HD // bk), bk)
 
 
 def _dgrad_extra(args, out) -> int:
@@ -264,10 +264,10 @@ def _dgrad_extra(args, out) -> int:
 def _dgrad_launch_extra(dv, u, wc, wgrad: bool) -> int:
     """The dgrad kernel's bytes beyond its operands and outputs: the per-program fp32 partials (splits, 10, HD) (11
     rows with ``wgrad``: fc1's bias) written and read, one scratch-tile write-back per program, the weight copy."""
-    _, p, splits, chunks, bk = _dgrad_tiles(dv, u, wgrad)
+    _, _, ph, splits, chunks, bk = _dgrad_tiles(dv, u, wgrad)
     acc = _acc_size(u)
     rows = 11 if wgrad else 10
-    return 2 * splits * rows * u.shape[-1] * acc + splits * chunks * p * bk * acc + 2 * tensor_bytes(wc)
+    return 2 * splits * rows * u.shape[-1] * acc + splits * chunks * ph * bk * acc + 2 * tensor_bytes(wc)
 
 
 def _hidden_grads_extra(args, out) -> int:
@@ -280,7 +280,7 @@ def _hidden_grads_extra(args, out) -> int:
     irb = _kernels("irb")
     dy, u, w2, wc, need_scale = args[0], args[1], args[5], args[6], args[13]
     C, HD = dy.shape[1], u.shape[-1]
-    splits = _dgrad_tiles(dy, u, True)[2]
+    splits = _dgrad_tiles(dy, u, True)[3]
     acc = _acc_size(u)
     with _gpu_tiles():
         sum_bk = irb._config("sum", 1, C, HD)[2]
@@ -425,19 +425,18 @@ def _input_grad_flops(args, out) -> int:
 
 
 def _dgrad_flops(args, out) -> int:
-    """da = dv w2 on every region, halo and the region's part off the map included (2 P C HD per region), the
-    transposed depthwise conv and the weight taps (2 x 2 x 9 per region element)."""
+    """da = dv w2 on every tile with its halo, the padding rows and the part off the map included (2 PH C HD a
+    tile), the transposed depthwise conv and the weight taps on the own tile's rows (2 x 2 x 9 PO HD a tile)."""
     return _dgrad_launch_flops(args[0], args[1], False)
 
 
 def _dgrad_launch_flops(dv, u, wgrad: bool) -> int:
-    """:func:`_dgrad_flops` on the kernel's regions; with ``wgrad`` also fc1's and fc2's weight-gradient products
-    and fc2's depthwise input recomputed on every region pixel (halo included: 2 x 2 P C HD + 2 x 9 P HD a
-    region)."""
-    tiles, p, _, _, _ = _dgrad_tiles(dv, u, wgrad)
+    """:func:`_dgrad_flops` on the kernel's tiles; with ``wgrad`` also fc1's and fc2's weight-gradient products
+    and fc2's depthwise input recomputed on the own tile's rows (2 x 2 PO C HD + 2 x 9 PO HD a tile)."""
+    tiles, po, ph, _, _, _ = _dgrad_tiles(dv, u, wgrad)
     C, HD = dv.shape[1], u.shape[-1]
-    flops = 2 * tiles * p * C * HD + 2 * 2 * 9 * tiles * p * HD
-    return flops + (2 * 2 * tiles * p * C * HD + 2 * 9 * tiles * p * HD if wgrad else 0)
+    flops = 2 * tiles * ph * C * HD + 2 * 2 * 9 * tiles * po * HD
+    return flops + (2 * 2 * tiles * po * C * HD + 2 * 9 * tiles * po * HD if wgrad else 0)
 
 
 def _hidden_grads_flops(args, out) -> int:
