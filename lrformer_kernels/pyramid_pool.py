@@ -42,8 +42,8 @@ differentiable (its gradient is the forward pool), so double backward works.
 
 With a LayerNorm (an encoder block's norm1, read by nothing but this pooling): ``pyramid_pool(x, grids, w, b,
 eps)`` pools ``layer_norm(x)`` without materialising it (the encoder's blocks take the statistics from their CPE's
-conv instead, and y's other gradient into the backward: :mod:`.dwconv_pyramid_pool`).  Forward: ``_ln_stats_kernel`` writes each pixel's
-mean and 1/std (fp32, 8 bytes a pixel), then the pooling kernel normalises each pixel as it loads it and applies
+conv instead, and y's other gradient into the backward: :mod:`.dwconv_pyramid_pool`).  Forward:
+``_ln_stats_kernel`` writes each pixel's mean and 1/std (fp32, 8 bytes a pixel), then the pooling kernel normalises each pixel as it loads it and applies
 w and b to the cell means (pooling is linear): x read twice, where LayerNorm + pool read it twice and write and
 read the normalised map once more.  Backward (``_pyramid_pool_ln_bwd_kernel``): a program owns whole rows
 (BLOCK_C >= C) of a block of pixels, gathers d(normalised x) from every grid as above and runs the LayerNorm

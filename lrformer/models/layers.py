@@ -156,8 +156,8 @@ class Block(Fusable, nn.Module):
     """LRFormer block (encoder, LayerNorms) or LRHead block (``head=True``, BatchNorms).
 
     x = pre_norm(x); x = x + cpe(x); x = x + drop_path(ls1 * LRSA(norm1(x))) (an encoder block's CPE, LayerNorm
-    norm1 and LRSA pooling as one op, ``ops.dwconv3x3_pyramid_pool``); x = x + drop_path(ls2 * IRB(norm2(x))) (``ops.irb``: one op, LayerNorm
-    included).  Tokens-last in and out.
+    norm1 and LRSA pooling as one op, ``ops.dwconv3x3_pyramid_pool``); x = x + drop_path(ls2 * IRB(norm2(x)))
+    (``ops.irb``: one op, LayerNorm included).  Tokens-last in and out.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
