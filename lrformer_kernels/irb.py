@@ -449,9 +449,12 @@ if HAS_TRITON:
             dg = dac
             for ky in tl.static_range(3):
                 for kx in tl.static_range(3):
-                    dg += _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC) * \
-                        tl.load(sb + ((oy + 2 - ky) * (OW + 2) + ox + 2 - kx)[:, None] * BLOCK_K + kk,
-                                mask=own[:, None], other=0.0)
+                    if ky * 3 + kx == 4:        # the own pixel itself: dac, loaded above
+                        tap = dac
+                    else:
+                        tap = tl.load(sb + ((oy + 2 - ky) * (OW + 2) + ox + 2 - kx)[:, None] * BLOCK_K + kk,
+                                      mask=own[:, None], other=0.0)
+                    dg += _load_w(wc_ptr, cs, cmask, HD, ky * 3 + kx, ACC) * tap
             hoff = idx[:, None] * HD + cs[None, :]
             u = tl.load(u_ptr + hoff, mask=own[:, None] & cmask[None, :], other=0.0).to(ACC)
             cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
